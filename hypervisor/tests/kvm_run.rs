@@ -1,0 +1,131 @@
+//! Runs real guest bytes on /dev/kvm through the hypervisor traits.
+
+use std::sync::Mutex;
+
+use hypervisor::{ExitHandler, Hypervisor, KvmHypervisor, MemoryRegion, VmExit};
+
+/// Opens KVM, or explains why not: a failure under CI, a loud skip elsewhere.
+fn kvm() -> Option<KvmHypervisor> {
+    match KvmHypervisor::new() {
+        Ok(kvm) => Some(kvm),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("KVM required under CI: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no usable /dev/kvm ({e})");
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    out: Mutex<Vec<(u16, Vec<u8>)>>,
+}
+
+impl ExitHandler for Recorder {
+    fn pio_read(&self, _port: u16, data: &mut [u8]) {
+        data.fill(0x5a);
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.out.lock().unwrap().push((port, data.to_vec()));
+    }
+    fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+}
+
+/// Maps `code` at guest address 0x1000 of a 64 KiB real-mode guest and returns the VM parts.
+fn real_mode_guest(
+    kvm: &KvmHypervisor,
+    code: &[u8],
+) -> (
+    std::sync::Arc<dyn hypervisor::Vm>,
+    Box<dyn hypervisor::Vcpu>,
+    *mut u8,
+) {
+    let vm = kvm.create_vm().unwrap();
+    let size = 0x10000;
+    // SAFETY: an anonymous private mapping with no preconditions; checked below.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(mem, libc::MAP_FAILED);
+    let mem = mem.cast::<u8>();
+    // SAFETY: the mapping is `size` bytes long and `code` fits after offset 0x1000.
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.add(0x1000), code.len()) };
+    // SAFETY: the mapping stays alive (never unmapped) for the rest of the test process.
+    unsafe {
+        vm.set_memory_region(MemoryRegion {
+            slot: 0,
+            guest_addr: 0,
+            size: size as u64,
+            host_addr: mem as u64,
+            readonly: false,
+        })
+    }
+    .unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.regs().unwrap();
+    regs.rip = 0x1000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    (vm, vcpu, mem)
+}
+
+#[test]
+fn port_io_reaches_the_exit_handler_and_hlt_exits() {
+    let Some(kvm) = kvm() else { return };
+    // mov al, 'A'; out 0x3f8 via dx; in al, dx; add al, 1; out dx, al; hlt
+    let code = [
+        0xb0, b'A', // mov al, 'A'
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, // out dx, al
+        0xec, // in al, dx
+        0x04, 0x01, // add al, 1
+        0xee, // out dx, al
+        0xf4, // hlt
+    ];
+    let (_vm, mut vcpu, _mem) = real_mode_guest(&kvm, &code);
+    let rec = Recorder::default();
+    let mut exits = Vec::new();
+    loop {
+        let exit = vcpu.run(&rec).unwrap();
+        if exit != VmExit::Handled {
+            exits.push(exit);
+            break;
+        }
+    }
+    assert_eq!(exits, vec![VmExit::Hlt]);
+    let out = rec.out.lock().unwrap();
+    assert_eq!(*out, vec![(0x3f8, vec![b'A']), (0x3f8, vec![0x5b])]);
+}
+
+#[test]
+fn immediate_exit_returns_interrupted() {
+    let Some(kvm) = kvm() else { return };
+    let code = [0xeb, 0xfe]; // jmp $
+    let (_vm, mut vcpu, _mem) = real_mode_guest(&kvm, &code);
+    vcpu.set_immediate_exit(true);
+    let exit = vcpu.run(&Recorder::default()).unwrap();
+    assert_eq!(exit, VmExit::Interrupted);
+}
+
+#[test]
+fn supported_cpuid_is_not_empty_and_max_vcpus_positive() {
+    let Some(kvm) = kvm() else { return };
+    assert!(!kvm.supported_cpuid().unwrap().is_empty());
+    assert!(kvm.max_vcpus() >= 1);
+}
