@@ -1,0 +1,14 @@
+//! x86_64 boot and platform setup.
+//!
+//! | module | what it produces |
+//! |---|---|
+//! | [`layout`] | the fixed guest-physical memory map and port numbers |
+//! | `e820` | guest RAM regions and the e820 memory map |
+//! | `boot` | the Linux zero page or the PVH start info, and initramfs placement |
+
+mod boot;
+mod e820;
+pub mod layout;
+
+pub use boot::{configure_system, initramfs_load_addr, BootProtocol, BootSetup, Error};
+pub use e820::{arch_memory_regions, e820_table, E820Entry, E820_RAM, E820_RESERVED};
