@@ -8,7 +8,9 @@
 //! | [`regs`] | entry registers, GDT/IDT, boot page tables, FPU, MSRs, LAPIC LINT pins |
 //! | [`cpuid`] | per-vCPU CPUID adjustments (APIC IDs, topology) |
 //! | [`mptable`] | the Intel MultiProcessor table |
+//! | [`acpi`] | RSDP, XSDT, FADT, MADT and DSDT |
 
+pub mod acpi;
 mod boot;
 pub mod cpuid;
 mod e820;

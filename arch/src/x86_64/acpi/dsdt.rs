@@ -1,0 +1,111 @@
+//! The DSDT: the AML namespace the guest's ACPI interpreter loads.
+//!
+//! It holds the `_S5_` sleep type the guest writes to the sleep control register to power off,
+//! and the COM1 UART so the guest finds its console through ACPI.
+
+use acpi_tables::aml::{
+    Device, EISAName, Interrupt, Name, Package, ResourceTemplate, Scope, IO, ZERO,
+};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::Aml;
+
+use super::super::layout::{COM1_IRQ, COM1_PORT};
+use super::{oem_table_id, OEM_ID, OEM_REVISION};
+
+/// DSDT revision 2 and later use 64-bit AML integers.
+const DSDT_REVISION: u8 = 6;
+/// SLP_TYP for S5 (soft off); the guest writes `SLP_EN | SLP_TYP << 2` = 0x34.
+const SLP_TYP_S5: u8 = 5;
+/// COM1 occupies eight consecutive ports.
+const COM1_PORTS: u8 = 8;
+
+/// `Name (_S5_, Package () { 5, 0, 0, 0 })`: SLP_TYPa, SLP_TYPb and two reserved values.
+fn s5() -> Vec<u8> {
+    let mut aml = Vec::new();
+    let values: [&dyn Aml; 4] = [&SLP_TYP_S5, &0u8, &0u8, &0u8];
+    Name::new("_S5_".into(), &Package::new(values.to_vec())).to_aml_bytes(&mut aml);
+    aml
+}
+
+/// `Scope (\_SB_) { Device (COM1) { _HID "PNP0501", _UID 0, _CRS { IO 0x3f8/8, IRQ 4 } } }`.
+fn com1() -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    let uid = Name::new("_UID".into(), &ZERO);
+    let ports = IO::new(COM1_PORT, COM1_PORT, 1, COM1_PORTS);
+    // Consumer, edge triggered, active high, exclusive: an ISA interrupt.
+    let irq = Interrupt::new(true, true, false, false, COM1_IRQ);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&ports, &irq]));
+    let device = Device::new("COM1".into(), vec![&hid, &uid, &crs]);
+    let mut aml = Vec::new();
+    Scope::new("\\_SB_".into(), vec![&device]).to_aml_bytes(&mut aml);
+    aml
+}
+
+/// The complete DSDT, header included.
+pub(super) fn dsdt() -> Vec<u8> {
+    let mut table = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        oem_table_id(b"DSDT"),
+        OEM_REVISION,
+    );
+    table.append_slice(&s5());
+    table.append_slice(&com1());
+    table.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn s5_package_encoding() {
+        // NameOp "_S5_" PackageOp len=7 count=4 BytePrefix 5 Zero Zero Zero
+        assert_eq!(
+            s5(),
+            vec![0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00]
+        );
+    }
+
+    #[test]
+    fn com1_resources() {
+        let aml = com1();
+        assert!(contains(&aml, b"\\_SB_"));
+        assert!(contains(&aml, b"COM1"));
+        // _HID: EISAID("PNP0501") = 0x0105d041 as a DWord constant.
+        assert!(contains(
+            &aml,
+            &[b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01]
+        ));
+        // IO(Decode16, 0x3f8, 0x3f8, 1, 8).
+        assert!(contains(
+            &aml,
+            &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]
+        ));
+        // Extended interrupt: consumer, edge, one interrupt, number 4.
+        assert!(contains(
+            &aml,
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]
+        ));
+    }
+
+    #[test]
+    fn dsdt_header_and_checksum() {
+        let t = dsdt();
+        assert_eq!(&t[0..4], b"DSDT");
+        assert_eq!(
+            u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize,
+            t.len()
+        );
+        assert_eq!(t[8], DSDT_REVISION);
+        assert_eq!(&t[10..16], b"ATRIUM");
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+        assert!(contains(&t, b"_S5_"));
+    }
+}

@@ -1,0 +1,334 @@
+//! ACPI tables: RSDP (revision 2) at `RSDP_POINTER`, then XSDT, FADT, DSDT and MADT packed
+//! after it on 16-byte boundaries, all inside `RSDP_POINTER..ACPI_TABLES_END`.
+//!
+//! The XSDT lists the FADT and MADT; the FADT points at the DSDT through `X_DSDT`. The tables
+//! are built with their final addresses, so [`tables`] returns exactly what
+//! [`create_acpi_tables`] writes.
+
+mod dsdt;
+mod tables;
+
+use acpi_tables::fadt::FADT;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::layout::{ACPI_TABLES_END, RSDP_POINTER};
+use super::mptable;
+
+/// OEM ID in every table header.
+const OEM_ID: [u8; 6] = *b"ATRIUM";
+const OEM_REVISION: u32 = 1;
+/// Tables start on 16-byte boundaries.
+const TABLE_ALIGN: u64 = 16;
+/// Size of the common ACPI table header.
+const HEADER_LEN: u64 = 36;
+/// The XSDT lists the FADT and the MADT.
+const XSDT_ENTRIES: u64 = 2;
+/// APIC IDs 0..=254 fit the MADT's 8-bit local APIC entries (0xff is the broadcast ID).
+const MAX_CPUS: u32 = 255;
+
+/// OEM table ID: "ATRM" followed by the table's signature.
+fn oem_table_id(signature: &[u8; 4]) -> [u8; 8] {
+    let mut id = *b"ATRM____";
+    id[4..].copy_from_slice(signature);
+    id
+}
+
+/// Errors from building or writing the ACPI tables.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The CPU counts are inconsistent or too large.
+    #[error("ACPI needs 1 <= boot vCPUs ({boot}) <= max vCPUs ({max}) <= {MAX_CPUS}; fix the vCPU configuration")]
+    CpuCount {
+        /// Boot vCPUs asked for.
+        boot: u32,
+        /// Maximum vCPUs asked for.
+        max: u32,
+    },
+    /// The tables do not fit below `ACPI_TABLES_END`.
+    #[error("the ACPI tables would end at {end:#x}, past {ACPI_TABLES_END:#x}; use fewer vCPUs")]
+    TooLarge {
+        /// Where the last table would end.
+        end: u64,
+    },
+    /// A table could not be written into guest memory.
+    #[error("cannot write the ACPI {table} at {addr:#x} into guest memory; give the guest at least 1 MiB of RAM")]
+    GuestWrite {
+        /// Signature of the table.
+        table: &'static str,
+        /// Its guest address.
+        addr: u64,
+    },
+}
+
+/// One table at its guest address.
+struct Placed {
+    signature: &'static str,
+    addr: u64,
+    bytes: Vec<u8>,
+}
+
+fn align(addr: u64) -> u64 {
+    addr.div_ceil(TABLE_ALIGN) * TABLE_ALIGN
+}
+
+/// Builds all tables at their final addresses, RSDP first.
+fn build(boot_cpus: u32, max_cpus: u32) -> Result<Vec<Placed>, Error> {
+    let cpu_error = || Error::CpuCount {
+        boot: boot_cpus,
+        max: max_cpus,
+    };
+    if boot_cpus == 0 || boot_cpus > max_cpus || max_cpus > MAX_CPUS {
+        return Err(cpu_error());
+    }
+    let boot = u8::try_from(boot_cpus).map_err(|_| cpu_error())?;
+    let max = u8::try_from(max_cpus).map_err(|_| cpu_error())?;
+
+    let dsdt = dsdt::dsdt();
+    // The same IOAPIC ID as the MP table, which lists the boot CPUs.
+    let madt = tables::madt(boot, max, mptable::ioapic_id(boot_cpus));
+
+    let rsdp_addr = RSDP_POINTER;
+    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    let fadt_addr = align(xsdt_addr + HEADER_LEN + 8 * XSDT_ENTRIES);
+    let dsdt_addr = align(fadt_addr + FADT::len() as u64);
+    let madt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let end = madt_addr + madt.len() as u64;
+    if end > ACPI_TABLES_END {
+        return Err(Error::TooLarge { end });
+    }
+
+    let fadt = tables::fadt(dsdt_addr);
+    let mut xsdt = XSDT::new(OEM_ID, oem_table_id(b"XSDT"), OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    let mut rsdp_bytes = Vec::new();
+    Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp_bytes);
+
+    Ok(vec![
+        Placed {
+            signature: "RSDP",
+            addr: rsdp_addr,
+            bytes: rsdp_bytes,
+        },
+        Placed {
+            signature: "XSDT",
+            addr: xsdt_addr,
+            bytes: xsdt_bytes,
+        },
+        Placed {
+            signature: "FACP",
+            addr: fadt_addr,
+            bytes: fadt,
+        },
+        Placed {
+            signature: "DSDT",
+            addr: dsdt_addr,
+            bytes: dsdt,
+        },
+        Placed {
+            signature: "APIC",
+            addr: madt_addr,
+            bytes: madt,
+        },
+    ])
+}
+
+/// The tables as bytes, each with its signature ("RSDP" for the root pointer, then "XSDT",
+/// "FACP", "DSDT", "APIC"), laid out for the addresses [`create_acpi_tables`] uses.
+pub fn tables(boot_cpus: u32, max_cpus: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    Ok(build(boot_cpus, max_cpus)?
+        .into_iter()
+        .map(|t| (t.signature.to_string(), t.bytes))
+        .collect())
+}
+
+/// Writes the RSDP, XSDT, FADT, DSDT and MADT for `boot_cpus` enabled and `max_cpus` possible
+/// vCPUs into guest memory and returns the RSDP's address.
+pub fn create_acpi_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    boot_cpus: u32,
+    max_cpus: u32,
+) -> Result<GuestAddress, Error> {
+    let placed = build(boot_cpus, max_cpus)?;
+    for table in &placed {
+        mem.write_slice(&table.bytes, GuestAddress(table.addr))
+            .map_err(|_| Error::GuestWrite {
+                table: table.signature,
+                addr: table.addr,
+            })?;
+    }
+    Ok(GuestAddress(RSDP_POINTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
+    }
+
+    /// Reads a whole table at `addr` (using its header length) and checks its checksum.
+    fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        assert!((0xe0000..0x10_0000).contains(&addr), "table at {addr:#x}");
+        assert_eq!(addr % 16, 0, "table at {addr:#x} is aligned");
+        let header = read(mem, addr, 36);
+        let table = read(mem, addr, u32_at(&header, 4) as usize);
+        assert!(addr + table.len() as u64 <= 0x10_0000);
+        assert_eq!(sum(&table), 0, "checksum of {:?}", &table[0..4]);
+        table
+    }
+
+    /// Follows RSDP -> XSDT -> {FADT -> DSDT, MADT} in guest memory, checking every checksum.
+    fn walk(mem: &GuestMemoryMmap, rsdp: GuestAddress) -> Vec<(u64, Vec<u8>)> {
+        let r = read(mem, rsdp.0, 36);
+        assert_eq!(&r[0..8], b"RSD PTR ");
+        assert_eq!(sum(&r[0..20]), 0, "RSDP checksum");
+        assert_eq!(sum(&r), 0, "RSDP extended checksum");
+        assert_eq!(r[15], 2, "revision");
+        assert_eq!(&r[9..15], b"ATRIUM");
+        assert_eq!(u32_at(&r, 20), 36, "length");
+        let xsdt_addr = u64_at(&r, 24);
+
+        let xsdt = read_table(mem, xsdt_addr);
+        assert_eq!(&xsdt[0..4], b"XSDT");
+        let mut found = vec![(xsdt_addr, xsdt.clone())];
+        for i in 0..(xsdt.len() - 36) / 8 {
+            let addr = u64_at(&xsdt, 36 + 8 * i);
+            let table = read_table(mem, addr);
+            if &table[0..4] == b"FACP" {
+                let dsdt_addr = u64_at(&table, 140);
+                let dsdt = read_table(mem, dsdt_addr);
+                assert_eq!(&dsdt[0..4], b"DSDT");
+                found.push((dsdt_addr, dsdt));
+            }
+            found.push((addr, table));
+        }
+        found
+    }
+
+    #[test]
+    fn walk_from_the_rsdp() {
+        let mem = memory();
+        let rsdp = create_acpi_tables(&mem, 2, 8).unwrap();
+        assert_eq!(rsdp, GuestAddress(0xe0000));
+        let found = walk(&mem, rsdp);
+        let mut signatures: Vec<&[u8]> = found.iter().map(|(_, t)| &t[0..4]).collect();
+        signatures.sort();
+        assert_eq!(signatures, [b"APIC", b"DSDT", b"FACP", b"XSDT"]);
+
+        // No two tables overlap.
+        let mut ranges: Vec<(u64, u64)> = found
+            .iter()
+            .map(|(a, t)| (*a, *a + t.len() as u64))
+            .collect();
+        ranges.push((0xe0000, 0xe0000 + 36));
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "{pair:?}");
+        }
+
+        let madt = &found.iter().find(|(_, t)| &t[0..4] == b"APIC").unwrap().1;
+        let lapics = madt[44..].chunks(8).take_while(|e| e[0] == 0).count();
+        assert_eq!(lapics, 8);
+    }
+
+    #[test]
+    fn tables_match_what_is_written() {
+        let mem = memory();
+        create_acpi_tables(&mem, 1, 1).unwrap();
+        let built = tables(1, 1).unwrap();
+        let names: Vec<&str> = built.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["RSDP", "XSDT", "FACP", "DSDT", "APIC"]);
+        let found = walk(&mem, GuestAddress(0xe0000));
+        for (name, bytes) in &built[1..] {
+            let (_, in_memory) = found
+                .iter()
+                .find(|(_, t)| &t[0..4] == name.as_bytes())
+                .unwrap();
+            assert_eq!(in_memory, bytes, "{name}");
+        }
+        assert_eq!(read(&mem, 0xe0000, 36), built[0].1);
+    }
+
+    #[test]
+    fn madt_ioapic_matches_the_mp_table() {
+        let built = tables(3, 8).unwrap();
+        let madt = &built.iter().find(|(n, _)| n == "APIC").unwrap().1;
+        let mut at = 44;
+        let mut ioapic_id = None;
+        while at < madt.len() {
+            if madt[at] == 1 {
+                ioapic_id = Some(madt[at + 2]);
+            }
+            at += usize::from(madt[at + 1]);
+        }
+        assert_eq!(ioapic_id, Some(mptable::ioapic_id(3)));
+    }
+
+    #[test]
+    fn every_table_sums_to_zero() {
+        for (boot, max) in [(1, 1), (2, 8), (8, 8), (1, 255), (255, 255)] {
+            for (name, bytes) in tables(boot, max).unwrap() {
+                let len = if name == "RSDP" {
+                    assert_eq!(sum(&bytes[0..20]), 0);
+                    36
+                } else {
+                    u32_at(&bytes, 4) as usize
+                };
+                assert_eq!(len, bytes.len(), "{name}");
+                assert_eq!(sum(&bytes), 0, "{name} for {boot}/{max}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_cpu_counts() {
+        for (boot, max) in [(0, 1), (2, 1), (1, 256), (300, 300)] {
+            assert!(matches!(tables(boot, max), Err(Error::CpuCount { .. })));
+        }
+        let mem = memory();
+        assert!(matches!(
+            create_acpi_tables(&mem, 0, 0),
+            Err(Error::CpuCount { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_without_the_acpi_area() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9fc00)]).unwrap();
+        assert!(matches!(
+            create_acpi_tables(&mem, 1, 1),
+            Err(Error::GuestWrite {
+                table: "RSDP",
+                addr: 0xe0000
+            })
+        ));
+    }
+}
