@@ -105,7 +105,8 @@ impl ConfigAccess {
 
 /// Configuration mechanism #1: CONFIG_ADDRESS at 0xCF8 (dword accesses only) and CONFIG_DATA at 0xCFC..0xCFF.
 ///
-/// Only the 256-byte standard space is reachable this way; the extended space needs ECAM.
+/// Only the 256-byte standard space is reachable this way (the AMD extension putting register bits 11:8 in
+/// CONFIG_ADDRESS bits 27:24 is not decoded); the extended space needs ECAM.
 pub struct PciConfigIo {
     access: ConfigAccess,
     config_address: u32,

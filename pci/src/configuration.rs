@@ -267,8 +267,7 @@ impl PciConfiguration {
         };
         config.registers[VENDOR_DEVICE_REG] =
             u32::from(header.device_id) << 16 | u32::from(header.vendor_id);
-        config.writable_bits[COMMAND_STATUS_REG] = COMMAND_WRITABLE_BITS;
-        config.w1c_bits[COMMAND_STATUS_REG] = STATUS_W1C_BITS << 16;
+        config.set_header_masks();
         let class = header.class_code;
         config.registers[CLASS_REG] = u32::from_le_bytes([
             header.revision_id,
@@ -282,13 +281,32 @@ impl PciConfiguration {
             0
         };
         config.registers[HEADER_TYPE_REG] = u32::from(header_type) << 16;
-        config.writable_bits[HEADER_TYPE_REG] = HEADER_TYPE_REG_WRITABLE_BITS;
         config.registers[SUBSYSTEM_REG] =
             u32::from(header.subsystem_id) << 16 | u32::from(header.subsystem_vendor_id);
         let pin = header.interrupt_pin.map_or(0, |pin| pin as u32);
         config.registers[INTERRUPT_REG] = pin << 8;
-        config.writable_bits[INTERRUPT_REG] = INTERRUPT_REG_WRITABLE_BITS;
         config
+    }
+
+    /// Sets the guest-writable and write-1-to-clear masks of the 64-byte header, BARs aside (they follow the BARs'
+    /// sizes); everything else in the header is read-only.
+    fn set_header_masks(&mut self) {
+        for reg in 0..FIRST_CAPABILITY_OFFSET / 4 {
+            if (BAR0_REG..BAR0_REG + NUM_BARS).contains(&reg) {
+                continue;
+            }
+            self.writable_bits[reg] = match reg {
+                COMMAND_STATUS_REG => COMMAND_WRITABLE_BITS,
+                HEADER_TYPE_REG => HEADER_TYPE_REG_WRITABLE_BITS,
+                INTERRUPT_REG => INTERRUPT_REG_WRITABLE_BITS,
+                _ => 0,
+            };
+            self.w1c_bits[reg] = if reg == COMMAND_STATUS_REG {
+                STATUS_W1C_BITS << 16
+            } else {
+                0
+            };
+        }
     }
 
     /// The register at index `reg` (offset `reg * 4`), or all-ones past the end of the space.
@@ -299,6 +317,10 @@ impl PciConfiguration {
     /// Applies a guest write of `data` (1, 2 or 4 bytes) at byte `offset` within register `reg`, honouring the
     /// writable and write-1-to-clear masks. Returns the BARs the write moved, which the VMM must remap; invalid
     /// accesses are dropped.
+    ///
+    /// A BAR moves while its decoding is enabled in COMMAND once its new base is complete (for a 64-bit BAR, when the
+    /// high half is written), or when COMMAND turns its decoding on. A BAR whose writable bits are all set is taken
+    /// to be mid size-probe, so a BAR cannot be moved to the very top of its address space.
     pub fn write_config_register(
         &mut self,
         reg: usize,
@@ -700,6 +722,8 @@ impl PciConfiguration {
             bars: [None; NUM_BARS],
             last_capability: state.last_capability,
         };
+        // The header's masks are fixed by the specification, not by the saved state.
+        config.set_header_masks();
         // Re-add each BAR through the same checks as at creation, then put back the guest's register values and the
         // base the VMM decodes at.
         for (index, info) in state.bars.iter().enumerate() {

@@ -719,10 +719,15 @@ fn invalid_states_are_rejected() {
         info.size = 0x3000;
     }
     assert!(PciConfiguration::from_state(&state).is_err());
-    // Writable masks of empty BAR registers are reset rather than trusted.
+    // Header masks and writable masks of empty BAR registers are reset rather than trusted.
     let mut state = good;
     state.writable_bits[BAR0_REG + 4] = u32::MAX;
+    state.writable_bits[VENDOR_DEVICE_REG] = u32::MAX;
+    state.w1c_bits[CLASS_REG] = u32::MAX;
     let mut restored = PciConfiguration::from_state(&state).unwrap();
     write32(&mut restored, BAR0_REG + 4, u32::MAX);
     assert_eq!(restored.read_reg(BAR0_REG + 4), 0);
+    write32(&mut restored, VENDOR_DEVICE_REG, 0);
+    write32(&mut restored, CLASS_REG, u32::MAX);
+    assert_eq!(restored.state(), config.state());
 }

@@ -357,6 +357,9 @@ impl MsixConfig {
 
     /// Applies the guest's message control value (the enable and function-mask bits; others are ignored), updating
     /// routes and sending any pending vectors that are now unmasked.
+    ///
+    /// The device calls it after every guest write to the first dword of its MSI-X capability, with that register's
+    /// upper half: `(config.read_reg(cap_offset / 4) >> 16) as u16`.
     pub fn set_message_control(&mut self, control: u16) {
         let enabled = control & MSIX_ENABLE != 0;
         let function_masked = control & MSIX_FUNCTION_MASK != 0;
