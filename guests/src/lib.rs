@@ -1,1 +1,42 @@
-//! guests
+//! In-tree test and demo guests for Atrium, assembled from `guests/asm` by `build.rs`.
+//!
+//! Every guest is linked at 1 MiB and built from one shared 64-bit core with a small per-format entry:
+//!
+//! - [`DEMO`] (bzImage) prints `Hello from the Atrium demo guest: <N> vCPU(s), <M> MiB of RAM. Powering off.`
+//!   and powers off through ACPI.
+//! - [`REPORT_BZIMAGE`], [`REPORT_ELF`] and [`REPORT_PVH`] print the boot facts they were given, one per line
+//!   (`atrium-guest: format=...`, `cmdline: ...`, `initrd: ...`, `e820: ...`, `bootparams: ...` or `pvh: ...`,
+//!   `acpi: ...`, `mptable: ...`, `rtc: ...`, `smp: ...`), then perform the command line's `action=`
+//!   (`poweroff`, `reset-acpi`, `reset-i8042`, `triple-fault`, `emulation-failure`, `debug-exit=<n>`, `halt`,
+//!   `echo`). `guests/asm/report.inc` and `guests/asm/actions.inc` define the exact grammar.
+
+use std::path::PathBuf;
+
+/// File name of the demo guest in the build directory (see [`path`]).
+pub const DEMO_FILE: &str = "demo.bzImage";
+/// File name of the report guest as a bzImage.
+pub const REPORT_BZIMAGE_FILE: &str = "report.bzImage";
+/// File name of the report guest as a 64-bit ELF vmlinux.
+pub const REPORT_ELF_FILE: &str = "report.elf";
+/// File name of the report guest as a PVH ELF.
+pub const REPORT_PVH_FILE: &str = "report.pvh";
+
+/// The built-in demo guest, bzImage format.
+pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bzImage"));
+/// The report guest, bzImage format (Linux boot protocol, 64-bit entry at load address + 0x200).
+pub const REPORT_BZIMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/report.bzImage"));
+/// The report guest, 64-bit ELF vmlinux format (entered at `e_entry` in long mode).
+pub const REPORT_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/report.elf"));
+/// The report guest, PVH format (ELF with a Xen `PHYS32_ENTRY` note; entered in 32-bit protected mode).
+pub const REPORT_PVH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/report.pvh"));
+
+/// Absolute path of a built guest file, for passing `--kernel <path>` to the VMM in integration tests.
+///
+/// `name` is one of [`DEMO_FILE`], [`REPORT_BZIMAGE_FILE`], [`REPORT_ELF_FILE`] or [`REPORT_PVH_FILE`]; any
+/// other name yields a path that does not exist.
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join(name)
+}
+
+#[cfg(test)]
+mod tests;
