@@ -1,1 +1,159 @@
-//! vmm
+//! The virtual machine monitor: turns a [`config::VmConfig`] into a running VM and drives it until the guest powers
+//! off, resets (with `--no-reboot`), crashes, or the operator stops it.
+//!
+//! The pieces, each in its own module: [`config`] (what to run), [`memory`] (guest RAM), [`payload`] (kernel,
+//! command line, initramfs), [`device_manager`] (platform devices on the buses), [`cpu`] (vCPU threads and the exit
+//! dispatch), [`console`] (the serial console's host side), [`vm`] (the builder recipe and the control loop).
+
+pub mod config;
+pub mod console;
+pub mod cpu;
+pub mod device_manager;
+pub mod events;
+pub mod io;
+pub mod memory;
+pub mod payload;
+pub mod vm;
+
+use hypervisor::{Hypervisor, KvmHypervisor};
+
+use crate::console::Console;
+use crate::events::StopReason;
+use crate::vm::{RunEnd, Vm};
+
+/// How a VM run ended without a VMM failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off through ACPI.
+    PoweredOff,
+    /// The guest reset and `--no-reboot` was given.
+    ResetWithNoReboot,
+    /// SIGINT or SIGTERM stopped the VM (or the console's quit sequence, reported as 0).
+    Signalled(i32),
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u8),
+}
+
+/// Exit code: configuration or setup failure before the guest ran.
+pub const EXIT_SETUP: i32 = 1;
+/// Exit code: the guest triple-faulted.
+pub const EXIT_TRIPLE_FAULT: i32 = 3;
+/// Exit code: KVM could not run the guest (internal error, emulation failure).
+pub const EXIT_GUEST_CRASH: i32 = 4;
+/// Exit code: the VMM failed while the guest ran.
+pub const EXIT_RUNTIME: i32 = 5;
+
+/// Why a VM run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// KVM is missing or unusable.
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    /// More vCPUs than KVM allows.
+    #[error("--cpus: {requested} vCPUs requested but this host's KVM allows at most {limit}")]
+    TooManyVcpus {
+        /// Requested maximum.
+        requested: u32,
+        /// KVM's limit.
+        limit: u32,
+    },
+    /// The serial console's host side.
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
+    /// Building the VM failed.
+    #[error(transparent)]
+    Build(#[from] vm::BuildError),
+    /// The vCPU threads could not start.
+    #[error(transparent)]
+    Start(#[from] cpu::CpuError),
+    /// The control loop failed.
+    #[error(transparent)]
+    Run(#[from] vm::RunError),
+    /// The guest triple-faulted.
+    #[error(
+        "the guest triple-faulted on vCPU {vcpu} (a fatal CPU exception; see the registers above)"
+    )]
+    TripleFault {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// KVM could not run the guest.
+    #[error("the guest crashed on vCPU {vcpu}: {reason}")]
+    GuestCrash {
+        /// The vCPU.
+        vcpu: u32,
+        /// What KVM reported.
+        reason: String,
+    },
+    /// A vCPU thread failed.
+    #[error("{0}")]
+    Vcpu(String),
+}
+
+impl Error {
+    /// The process exit code documented for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Hypervisor(_)
+            | Error::TooManyVcpus { .. }
+            | Error::Console(_)
+            | Error::Build(_) => EXIT_SETUP,
+            Error::TripleFault { .. } => EXIT_TRIPLE_FAULT,
+            Error::GuestCrash { .. } => EXIT_GUEST_CRASH,
+            Error::Start(_) | Error::Run(_) | Error::Vcpu(_) => EXIT_RUNTIME,
+        }
+    }
+}
+
+/// Builds the VM described by `config`, runs it, and returns how it ended. A guest reset rebuilds the VM in place
+/// (keeping the console and the CMOS NVRAM) unless `no_reboot` is set.
+pub fn run(config: config::VmConfig) -> Result<Outcome, Error> {
+    let hv = KvmHypervisor::new()?;
+    let limit = hv.max_vcpus();
+    if config.cpus.max_vcpus > limit {
+        return Err(Error::TooManyVcpus {
+            requested: config.cpus.max_vcpus,
+            limit,
+        });
+    }
+    let mut console = Console::new(&config.serial)?;
+    vm::install_stop_signals();
+
+    let mut cmos_state = None;
+    loop {
+        let mut vm = Vm::build(&hv, &config, &console, cmos_state.take())?;
+        vm.start()?;
+        let end = vm.run(&mut console)?;
+        let (pio, mmio) = vm.unclaimed_accesses();
+        if pio + mmio > 0 {
+            tracing::debug!("unclaimed accesses: {pio} port, {mmio} MMIO");
+        }
+        let reason = match end {
+            RunEnd::Signal(sig) => return Ok(Outcome::Signalled(sig)),
+            RunEnd::ConsoleQuit => return Ok(Outcome::Signalled(0)),
+            RunEnd::Stopped(reason) => reason,
+        };
+        match reason {
+            StopReason::PowerOff => return Ok(Outcome::PoweredOff),
+            StopReason::DebugExit(code) => return Ok(Outcome::DebugExit(code)),
+            StopReason::Reset if config.no_reboot => return Ok(Outcome::ResetWithNoReboot),
+            StopReason::Reset => {
+                tracing::info!("guest reset: rebooting");
+                cmos_state = Some(vm.cmos_state());
+            }
+            StopReason::TripleFault { vcpu, registers } => {
+                eprintln!("{registers}");
+                return Err(Error::TripleFault { vcpu });
+            }
+            StopReason::GuestCrash {
+                vcpu,
+                reason,
+                registers,
+            } => {
+                eprintln!("{registers}");
+                return Err(Error::GuestCrash { vcpu, reason });
+            }
+            StopReason::VcpuError(message) => return Err(Error::Vcpu(message)),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Creates the platform devices and places them on the port and MMIO buses.
+//!
+//! The device manager owns the devices; the buses only hold weak references, so removing a device here is enough
+//! to take it off the bus.
+
+use std::sync::{Arc, Mutex};
+
+use devices::acpi::AcpiPmDevice;
+use devices::cmos::Cmos;
+use devices::debug_exit::DebugExit;
+use devices::i8042::I8042;
+use devices::ioapic::Ioapic;
+use devices::port80::Port80;
+use devices::serial::Serial;
+use devices::{Bus, BusDevice, MsiSender, PlatformEvents};
+use hypervisor::Vm;
+
+use crate::console::ConsoleWriter;
+
+/// COM1's ports.
+const COM1_PORT: u64 = 0x3f8;
+/// COM1's IOAPIC pin.
+const COM1_IRQ: usize = 4;
+/// The i8042's ports: 0x60 (data) to 0x64 (command/status).
+const I8042_PORT: u64 = 0x60;
+/// CMOS index/data ports.
+const CMOS_PORT: u64 = 0x70;
+/// POST code port.
+const PORT80: u64 = 0x80;
+/// The debug-exit port.
+pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+/// IOAPIC MMIO window length.
+const IOAPIC_LEN: u64 = 0x1000;
+/// IOAPIC pins (also told to KVM for the split irqchip).
+pub const IOAPIC_PINS: u32 = 24;
+
+/// Errors creating devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Two devices claimed overlapping ranges (a bug in the device layout).
+    #[error("cannot place {name} on the bus: {source}")]
+    Bus {
+        /// The device.
+        name: &'static str,
+        /// The bus error.
+        #[source]
+        source: devices::BusError,
+    },
+}
+
+/// Sends MSIs through the hypervisor.
+struct HypervisorMsi(Arc<dyn Vm>);
+
+impl MsiSender for HypervisorMsi {
+    fn send_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.0
+            .signal_msi(address, data)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// What the devices need from the VM being built.
+pub struct DeviceSetup {
+    /// The serial output, or `None` for no serial port.
+    pub serial_out: Option<ConsoleWriter>,
+    /// RAM below 4 GiB, for the CMOS memory fields.
+    pub mem_below_4g: u64,
+    /// RAM above 4 GiB.
+    pub mem_above_4g: u64,
+    /// CMOS NVRAM kept from before a guest reboot.
+    pub cmos_state: Option<devices::cmos::CmosState>,
+    /// Whether the debug-exit port exists.
+    pub debug_exit: bool,
+}
+
+/// The VM's devices and buses.
+pub struct DeviceManager {
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    ioapic: Arc<Mutex<Ioapic>>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    cmos: Arc<Mutex<Cmos>>,
+    /// Devices kept alive here; the buses hold weak references.
+    others: Vec<Arc<Mutex<dyn BusDevice>>>,
+}
+
+impl DeviceManager {
+    /// Creates the legacy and platform devices of the x86 platform.
+    pub fn new(
+        vm: &Arc<dyn Vm>,
+        events: Arc<dyn PlatformEvents>,
+        setup: DeviceSetup,
+    ) -> Result<Self, DeviceError> {
+        let io_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let place = |bus: &Bus, dev: Arc<Mutex<dyn BusDevice>>, base, len, name| {
+            bus.insert(dev, base, len)
+                .map_err(|source| DeviceError::Bus { name, source })
+        };
+
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(Arc::new(HypervisorMsi(vm.clone())))));
+        place(
+            &mmio_bus,
+            ioapic.clone(),
+            arch::layout::IOAPIC_START,
+            IOAPIC_LEN,
+            "IOAPIC",
+        )?;
+
+        let serial = match setup.serial_out {
+            Some(out) => {
+                let irq = Ioapic::pin(&ioapic, COM1_IRQ);
+                let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(out))));
+                place(&io_bus, serial.clone(), COM1_PORT, 8, "COM1")?;
+                Some(serial)
+            }
+            None => None,
+        };
+
+        let mut cmos = Cmos::new(setup.mem_below_4g, setup.mem_above_4g);
+        if let Some(state) = setup.cmos_state {
+            cmos.set_state(&state);
+        }
+        let cmos = Arc::new(Mutex::new(cmos));
+        place(&io_bus, cmos.clone(), CMOS_PORT, 2, "CMOS")?;
+
+        let mut others: Vec<Arc<Mutex<dyn BusDevice>>> = Vec::new();
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+        place(&io_bus, i8042.clone(), I8042_PORT, 5, "i8042")?;
+        others.push(i8042);
+
+        let acpi = Arc::new(Mutex::new(AcpiPmDevice::new(events.clone())));
+        place(
+            &io_bus,
+            acpi.clone(),
+            u64::from(devices::acpi::ACPI_PM_PORT),
+            1,
+            "ACPI PM",
+        )?;
+        others.push(acpi);
+
+        let port80 = Arc::new(Mutex::new(Port80::new()));
+        place(&io_bus, port80.clone(), PORT80, 1, "port 0x80")?;
+        others.push(port80);
+
+        if setup.debug_exit {
+            let dev = Arc::new(Mutex::new(DebugExit::new(events)));
+            place(&io_bus, dev.clone(), DEBUG_EXIT_PORT, 1, "debug-exit")?;
+            others.push(dev);
+        }
+
+        Ok(DeviceManager {
+            io_bus,
+            mmio_bus,
+            ioapic,
+            serial,
+            cmos,
+            others,
+        })
+    }
+
+    /// The port I/O bus.
+    pub fn io_bus(&self) -> &Arc<Bus> {
+        &self.io_bus
+    }
+
+    /// The MMIO bus.
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    /// The IOAPIC.
+    pub fn ioapic(&self) -> &Arc<Mutex<Ioapic>> {
+        &self.ioapic
+    }
+
+    /// COM1, if the VM has one.
+    pub fn serial(&self) -> Option<&Arc<Mutex<Serial>>> {
+        self.serial.as_ref()
+    }
+
+    /// The CMOS state (kept across a guest reboot).
+    pub fn cmos_state(&self) -> devices::cmos::CmosState {
+        self.cmos.lock().unwrap_or_else(|p| p.into_inner()).state()
+    }
+
+    /// How many platform devices are attached.
+    pub fn device_count(&self) -> usize {
+        self.others.len() + 2 + usize::from(self.serial.is_some())
+    }
+}

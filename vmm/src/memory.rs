@@ -1,0 +1,80 @@
+//! Guest RAM: anonymous mappings laid out by `arch`, registered with the hypervisor as memory slots.
+
+use std::sync::Arc;
+
+use hypervisor::{MemoryRegion, Vm};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+/// Errors setting up guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host could not map the guest's RAM.
+    #[error("cannot allocate {size} MiB of guest memory: {reason}; lower --memory size=")]
+    Allocate {
+        /// Requested size in MiB.
+        size: u64,
+        /// What the allocator said.
+        reason: String,
+    },
+    /// The hypervisor refused a memory slot.
+    #[error("cannot register guest memory with KVM: {0}")]
+    Register(#[source] hypervisor::HypervisorError),
+}
+
+/// Owns the guest's RAM mappings for the lifetime of a VM.
+pub struct MemoryManager {
+    guest_memory: GuestMemoryMmap,
+    next_slot: u32,
+}
+
+impl MemoryManager {
+    /// Maps `size` bytes of guest RAM (split around the 32-bit MMIO gap) and registers each region with `vm`.
+    pub fn new(vm: &Arc<dyn Vm>, size: u64) -> Result<Self, MemoryError> {
+        let ranges = arch::arch_memory_regions(size);
+        let guest_memory =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Allocate {
+                size: size >> 20,
+                reason: e.to_string(),
+            })?;
+        let mut manager = MemoryManager {
+            guest_memory,
+            next_slot: 0,
+        };
+        let regions: Vec<(u64, u64, u64)> = manager
+            .guest_memory
+            .iter()
+            .map(|r| {
+                let host = r
+                    .get_host_address(MemoryRegionAddress(0))
+                    .map(|p| p as u64)
+                    .unwrap_or_default();
+                (r.start_addr().0, r.len(), host)
+            })
+            .collect();
+        for (guest_addr, len, host_addr) in regions {
+            let slot = manager.next_slot;
+            manager.next_slot += 1;
+            let region = MemoryRegion {
+                slot,
+                guest_addr,
+                size: len,
+                host_addr,
+                readonly: false,
+            };
+            // SAFETY: `host_addr..host_addr+len` is a mapping owned by `guest_memory`, which this manager keeps alive
+            // at least as long as the VM (the VM is dropped before the manager in `Vm`'s field order).
+            unsafe { vm.set_memory_region(region) }.map_err(MemoryError::Register)?;
+        }
+        Ok(manager)
+    }
+
+    /// The guest's RAM.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.guest_memory
+    }
+
+    /// Total RAM in bytes.
+    pub fn ram_size(&self) -> u64 {
+        self.guest_memory.iter().map(|r| r.len()).sum()
+    }
+}
