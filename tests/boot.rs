@@ -164,7 +164,7 @@ fn rtc_reports_host_time_in_utc() {
 /// "YYYY-MM-DD HH:MM:SS" (UTC) to seconds since the epoch.
 fn parse_datetime(s: &str) -> u64 {
     let p: Vec<u64> = s
-        .split(|c| c == '-' || c == ' ' || c == ':')
+        .split(['-', ' ', ':'])
         .map(|x| x.parse().unwrap_or_else(|_| panic!("bad rtc line {s}")))
         .collect();
     let (y, m, d) = (p[0], p[1], p[2]);
