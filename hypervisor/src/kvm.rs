@@ -7,12 +7,17 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_msi, kvm_userspace_memory_region, CpuId, Msrs, KVM_CAP_SPLIT_IRQCHIP,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI};
+use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::x86_64::{
     CpuIdEntry, FpuState, LapicState, MsrEntry, SpecialRegisters, StandardRegisters,
 };
-use crate::{ExitHandler, Hypervisor, HypervisorError, MemoryRegion, Result, Vcpu, Vm, VmExit};
+use crate::{
+    ExitHandler, Hypervisor, HypervisorError, IoEventAddress, MemoryRegion, MsiRoute, Result, Vcpu,
+    Vm, VmExit,
+};
 
 /// The only stable KVM API version.
 const KVM_API_VERSION: i32 = 12;
@@ -42,6 +47,9 @@ impl KvmHypervisor {
             (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
             (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
             (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(HypervisorError::CapabilityMissing(name));
@@ -137,12 +145,80 @@ impl Vm for KvmVm {
             .map_err(|e| HypervisorError::ioctl("KVM_SIGNAL_MSI", e))
     }
 
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(|e| HypervisorError::ioctl("KVM_IRQFD", e))
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(|e| HypervisorError::ioctl("KVM_IRQFD(deassign)", e))
+    }
+
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
+        let addr = kvm_io_address(addr);
+        match datamatch {
+            Some(value) => self.fd.register_ioevent(fd, &addr, value),
+            None => self.fd.register_ioevent(fd, &addr, NoDatamatch),
+        }
+        .map_err(|e| HypervisorError::ioctl("KVM_IOEVENTFD", e))
+    }
+
+    fn unregister_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
+        let addr = kvm_io_address(addr);
+        match datamatch {
+            Some(value) => self.fd.unregister_ioevent(fd, &addr, value),
+            None => self.fd.unregister_ioevent(fd, &addr, NoDatamatch),
+        }
+        .map_err(|e| HypervisorError::ioctl("KVM_IOEVENTFD(deassign)", e))
+    }
+
+    fn set_msi_routing(&self, routes: &[MsiRoute]) -> Result<()> {
+        let too_many = || HypervisorError::Ioctl {
+            op: "KVM_SET_GSI_ROUTING",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        };
+        let mut table = KvmIrqRouting::new(routes.len()).map_err(|_| too_many())?;
+        for (slot, route) in table.as_mut_slice().iter_mut().zip(routes) {
+            slot.gsi = route.gsi;
+            slot.type_ = KVM_IRQ_ROUTING_MSI;
+            slot.u.msi = kvm_irq_routing_msi {
+                address_lo: route.address as u32,
+                address_hi: (route.address >> 32) as u32,
+                data: route.data,
+                ..Default::default()
+            };
+        }
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_GSI_ROUTING", e))
+    }
+
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let fd = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| HypervisorError::ioctl("KVM_CREATE_VCPU", e))?;
         Ok(Box::new(KvmVcpu { fd }))
+    }
+}
+
+fn kvm_io_address(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        IoEventAddress::Pio(port) => kvm_ioctls::IoEventAddress::Pio(port),
+        IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
     }
 }
 

@@ -80,6 +80,26 @@ pub struct MemoryRegion {
     pub readonly: bool,
 }
 
+/// Where an ioeventfd listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEventAddress {
+    /// A port.
+    Pio(u64),
+    /// A guest-physical MMIO address.
+    Mmio(u64),
+}
+
+/// One entry of the interrupt routing table: writes to GSI `gsi`'s irqfd deliver this MSI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsiRoute {
+    /// The global system interrupt number.
+    pub gsi: u32,
+    /// MSI address.
+    pub address: u64,
+    /// MSI data.
+    pub data: u32,
+}
+
 /// A virtual machine.
 pub trait Vm: Send + Sync {
     /// Maps (or, with `size == 0`, unmaps) a guest memory slot.
@@ -98,6 +118,27 @@ pub trait Vm: Send + Sync {
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
     /// Creates vCPU `id` (its APIC ID on x86).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// Makes a write to `fd` inject GSI `gsi` (as routed by `set_msi_routing`).
+    fn register_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
+    /// Undoes `register_irqfd`.
+    fn unregister_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
+    /// Makes a guest write to `addr` signal `fd` inside the kernel, with no exit. With `datamatch`, only 4-byte writes
+    /// of that value match; without, writes of any size do.
+    fn register_ioevent(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
+    /// Undoes `register_ioevent`.
+    fn unregister_ioevent(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
+    /// Replaces the whole interrupt routing table with these MSI routes.
+    fn set_msi_routing(&self, routes: &[MsiRoute]) -> Result<()>;
 }
 
 /// Resolves the port and MMIO accesses of a running vCPU.

@@ -129,3 +129,46 @@ fn supported_cpuid_is_not_empty_and_max_vcpus_positive() {
     assert!(!kvm.supported_cpuid().unwrap().is_empty());
     assert!(kvm.max_vcpus() >= 1);
 }
+
+#[test]
+fn ioeventfd_catches_a_port_write_in_the_kernel() {
+    let Some(kvm) = kvm() else { return };
+    // mov dx, 0x3f0; mov al, 7; out dx, al; mov dx, 0x3f8; out dx, al; hlt
+    let code = [
+        0xba, 0xf0, 0x03, 0xb0, 0x07, 0xee, 0xba, 0xf8, 0x03, 0xee, 0xf4,
+    ];
+    let (vm, mut vcpu, _mem) = real_mode_guest(&kvm, &code);
+    let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_ioevent(&evt, hypervisor::IoEventAddress::Pio(0x3f0), None)
+        .unwrap();
+    let rec = Recorder::default();
+    while vcpu.run(&rec).unwrap() == VmExit::Handled {}
+    // Only the write to 0x3f8 reached user space; the one to 0x3f0 signalled the eventfd.
+    assert_eq!(*rec.out.lock().unwrap(), vec![(0x3f8, vec![7])]);
+    assert_eq!(evt.read().unwrap(), 1);
+    vm.unregister_ioevent(&evt, hypervisor::IoEventAddress::Pio(0x3f0), None)
+        .unwrap();
+}
+
+#[test]
+fn msi_routes_and_irqfds_register() {
+    let Some(kvm) = kvm() else { return };
+    let vm = kvm.create_vm().unwrap();
+    vm.create_split_irqchip(24).unwrap();
+    let routes = [
+        hypervisor::MsiRoute {
+            gsi: 24,
+            address: 0xfee0_0000,
+            data: 0x41,
+        },
+        hypervisor::MsiRoute {
+            gsi: 25,
+            address: 0xfee0_1000,
+            data: 0x42,
+        },
+    ];
+    vm.set_msi_routing(&routes).unwrap();
+    let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_irqfd(&evt, 24).unwrap();
+    vm.unregister_irqfd(&evt, 24).unwrap();
+}
