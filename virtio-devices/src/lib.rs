@@ -1,0 +1,20 @@
+//! Virtio 1.x devices for Atrium, on the modern virtio-pci transport.
+//!
+//! - [`VirtioDevice`] is what a device implements: its type, queues, features and configuration space, and
+//!   `activate`/`reset`. Each active device serves its queues on its own thread, woken by epoll on the queue
+//!   notification events and a kill event.
+//! - [`VirtioInterrupt`] is how a device notifies the driver; the transport implements it.
+//!
+//! Nothing here knows about KVM: the VMM registers the notification events the transport exposes as ioeventfds and
+//! implements [`pci::MsiDelivery`] for MSI-X.
+
+mod device;
+mod worker;
+
+#[cfg(test)]
+mod test_utils;
+
+pub use device::{
+    ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
+    VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
+};
