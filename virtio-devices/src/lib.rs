@@ -9,6 +9,7 @@
 //! implements [`pci::MsiDelivery`] for MSI-X.
 
 mod device;
+mod transport;
 mod worker;
 
 #[cfg(test)]
@@ -17,4 +18,10 @@ mod test_utils;
 pub use device::{
     ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
+};
+pub use transport::{
+    notify_address, VirtioPciDevice, VirtioPciDeviceState, VirtioPciError, COMMON_CONFIG_OFFSET,
+    DEVICE_CONFIG_OFFSET, ISR_OFFSET, MAX_QUEUES, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET,
+    NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_BAR_SIZE,
+    VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID,
 };
