@@ -60,6 +60,66 @@ pub const MEM_32BIT_GAP_SIZE: u64 = 0x4000_0000;
 /// Start of the RAM that does not fit below the MMIO hole.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 
+// --- PCI segment 0 ---
+
+/// PCI 32-bit MMIO window for BARs, at the bottom of the 32-bit MMIO hole.
+pub const PCI_MMIO32_START: u64 = 0xc000_0000;
+/// Size of the PCI 32-bit MMIO window (512 MiB, up to the ECAM area).
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI Express enhanced configuration space (ECAM, "MMCONFIG") of segment 0.
+pub const PCI_MMCONFIG_START: u64 = 0xe000_0000;
+/// Size of the ECAM area: 1 MiB per bus for buses 0-255.
+pub const PCI_MMCONFIG_SIZE: u64 = 0x1000_0000;
+/// PCI configuration mechanism #1: address register; the data register is at `+ 4`.
+pub const PCI_IO_CONFIG_PORT: u16 = 0xcf8;
+// The 32-bit window and the ECAM area tile the bottom of the 32-bit MMIO hole, below the IOAPIC,
+// so 32-bit ACPI descriptors can describe them.
+const _: () = assert!(PCI_MMIO32_START >= MEM_32BIT_GAP_START);
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_MMCONFIG_START);
+const _: () = assert!(PCI_MMCONFIG_START + PCI_MMCONFIG_SIZE <= IOAPIC_START);
+
+/// Size of the PCI 64-bit MMIO window (64 GiB).
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// The 64-bit MMIO window starts on a 1 GiB boundary.
+const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+
+/// The PCI 64-bit MMIO window for a guest with `ram_size` bytes of RAM, as `(start, size)`.
+///
+/// It starts at the first 1 GiB boundary at or above both 4 GiB and the end of guest RAM (RAM
+/// above 3 GiB is relocated above 4 GiB, as in `arch_memory_regions`) and is
+/// [`PCI_MMIO64_SIZE`] long. For absurd RAM sizes the start saturates at the last 1 GiB
+/// boundary of the address space; the caller checks that the window fits.
+pub fn pci_mmio64_window(ram_size: u64) -> (u64, u64) {
+    let above_gap = ram_size.saturating_sub(MEM_32BIT_GAP_START);
+    let ram_end = RAM_64BIT_START.saturating_add(above_gap);
+    let start = ram_end
+        .div_ceil(PCI_MMIO64_ALIGN)
+        .checked_mul(PCI_MMIO64_ALIGN)
+        .unwrap_or(ram_end & !(PCI_MMIO64_ALIGN - 1));
+    (start, PCI_MMIO64_SIZE)
+}
+
+/// First GSI (IOAPIC pin) of the PCI INTx interrupts.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// Number of GSIs the PCI INTx interrupts are spread over (IOAPIC pins 16-23).
+pub const PCI_INTX_GSIS: u32 = 8;
+/// Highest PCI device (slot) number on bus 0.
+pub const PCI_MAX_SLOT: u8 = 31;
+
+/// The GSI (IOAPIC pin) that INTx `pin` of the device in `slot` on bus 0 raises, as the DSDT's
+/// `_PRT` describes it: `(slot + pin) % 8 + 16`. The interrupt is level triggered and active
+/// low, as PCI INTx lines are.
+///
+/// `pin` counts from 0 for INTA# to 3 for INTD# (the `_PRT` numbering; the configuration space
+/// Interrupt Pin register holds `pin + 1`). Slot 0, the host bridge, has no interrupt, so it and
+/// anything out of range give `None`.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> Option<u32> {
+    if slot == 0 || slot > PCI_MAX_SLOT || pin > 3 {
+        return None;
+    }
+    Some((u32::from(slot) + u32::from(pin)) % PCI_INTX_GSIS + PCI_INTX_GSI_BASE)
+}
+
 /// IOAPIC register window.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Number of IOAPIC input pins.
@@ -75,3 +135,77 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// ACPI sleep control/status and reset register (hardware-reduced FADT).
 pub const ACPI_PM_PORT: u16 = 0x600;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn mmio64_window_follows_ram() {
+        // (RAM size, expected start): at least 4 GiB, RAM above 3 GiB moves above 4 GiB.
+        for (ram, start) in [
+            (0, 4 * GIB),
+            (512 << 20, 4 * GIB),
+            (3 * GIB, 4 * GIB),
+            (3 * GIB + 1, 5 * GIB),
+            (4 * GIB, 5 * GIB),
+            (4 * GIB + 4096, 6 * GIB),
+            (5 * GIB, 6 * GIB),
+            (64 * GIB + (1 << 20), 66 * GIB),
+        ] {
+            assert_eq!(
+                pci_mmio64_window(ram),
+                (start, 64 * GIB),
+                "{ram:#x} bytes of RAM"
+            );
+        }
+    }
+
+    #[test]
+    fn mmio64_window_never_overlaps_ram() {
+        for ram in [1, GIB, 3 * GIB - 1, 7 * GIB + 12345, 1 << 40] {
+            let (start, size) = pci_mmio64_window(ram);
+            let ram_end = if ram <= 3 * GIB { ram } else { ram + GIB };
+            assert!(start >= ram_end && start >= 4 * GIB, "{ram:#x}");
+            assert_eq!(start % GIB, 0);
+            assert_eq!(size, 64 * GIB);
+        }
+    }
+
+    #[test]
+    fn mmio64_window_for_absurd_ram_sizes() {
+        let (start, size) = pci_mmio64_window(u64::MAX);
+        assert_eq!(start % GIB, 0);
+        assert!(
+            start.checked_add(size).is_none(),
+            "the caller must reject it"
+        );
+    }
+
+    #[test]
+    fn pci_windows_tile_the_32bit_hole() {
+        assert_eq!(PCI_MMIO32_START, MEM_32BIT_GAP_START);
+        assert_eq!(PCI_MMIO32_START + PCI_MMIO32_SIZE, PCI_MMCONFIG_START);
+        assert_eq!(PCI_MMCONFIG_SIZE, 256 << 20, "1 MiB for each of 256 buses");
+    }
+
+    #[test]
+    fn intx_gsis() {
+        assert_eq!(pci_intx_gsi(1, 0), Some(17));
+        assert_eq!(pci_intx_gsi(1, 3), Some(20));
+        assert_eq!(pci_intx_gsi(7, 0), Some(23));
+        assert_eq!(pci_intx_gsi(7, 1), Some(16));
+        assert_eq!(pci_intx_gsi(31, 3), Some(18));
+        for slot in 1..=31 {
+            for pin in 0..4 {
+                let gsi = pci_intx_gsi(slot, pin).unwrap();
+                assert!((16..24).contains(&gsi) && gsi < IOAPIC_PINS);
+            }
+        }
+        assert_eq!(pci_intx_gsi(0, 0), None, "the host bridge");
+        assert_eq!(pci_intx_gsi(32, 0), None);
+        assert_eq!(pci_intx_gsi(1, 4), None);
+    }
+}
