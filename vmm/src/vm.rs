@@ -129,7 +129,7 @@ impl Vm {
             }
             Err(e) => return Err(BuildError::BootTables(e.to_string())),
         }
-        let rsdp = arch::acpi::create_acpi_tables(mem, boot_cpus, max_cpus)
+        let rsdp = arch::acpi::create_acpi_tables(mem, boot_cpus, max_cpus, ram)
             .map_err(|e| BuildError::BootTables(e.to_string()))?;
 
         // 6. Boot parameters (zero page or PVH start info).

@@ -1,7 +1,8 @@
 //! The DSDT: the AML namespace the guest's ACPI interpreter loads.
 //!
 //! It holds the `_S5_` sleep type the guest writes to the sleep control register to power off,
-//! and the COM1 UART so the guest finds its console through ACPI.
+//! and in `\_SB_` the COM1 UART, so the guest finds its console through ACPI, and the PCI host
+//! bridge with its motherboard resources (see the `pci` module).
 
 use acpi_tables::aml::{
     Device, EISAName, Interrupt, Name, Package, ResourceTemplate, Scope, IO, ZERO,
@@ -10,7 +11,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use super::super::layout::{COM1_IRQ, COM1_PORT};
-use super::{oem_table_id, OEM_ID, OEM_REVISION};
+use super::{oem_table_id, pci, OEM_ID, OEM_REVISION};
 
 /// DSDT revision 2 and later use 64-bit AML integers.
 const DSDT_REVISION: u8 = 6;
@@ -27,7 +28,7 @@ fn s5() -> Vec<u8> {
     aml
 }
 
-/// `Scope (\_SB_) { Device (COM1) { _HID "PNP0501", _UID 0, _CRS { IO 0x3f8/8, IRQ 4 } } }`.
+/// `Device (COM1) { _HID "PNP0501", _UID 0, _CRS { IO 0x3f8/8, IRQ 4 } }` for `\_SB_`.
 fn com1() -> Vec<u8> {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
     let uid = Name::new("_UID".into(), &ZERO);
@@ -35,14 +36,23 @@ fn com1() -> Vec<u8> {
     // Consumer, edge triggered, active high, exclusive: an ISA interrupt.
     let irq = Interrupt::new(true, true, false, false, COM1_IRQ);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&ports, &irq]));
-    let device = Device::new("COM1".into(), vec![&hid, &uid, &crs]);
     let mut aml = Vec::new();
-    Scope::new("\\_SB_".into(), vec![&device]).to_aml_bytes(&mut aml);
+    Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut aml);
     aml
 }
 
-/// The complete DSDT, header included.
-pub(super) fn dsdt() -> Vec<u8> {
+/// `Scope (\_SB_)` with COM1, the PCI host bridge and the motherboard resources.
+fn system_bus(pci_mmio64: (u64, u64)) -> Vec<u8> {
+    let mut devices = com1();
+    devices.extend_from_slice(&pci::host_bridge(pci_mmio64));
+    devices.extend_from_slice(&pci::motherboard_resources());
+    Scope::raw("\\_SB_".into(), devices)
+}
+
+/// The complete DSDT, header included, with the PCI 64-bit MMIO window `pci_mmio64` as
+/// `(start, size)`. The caller checks that the window is not empty and ends inside the 64-bit
+/// address space.
+pub(super) fn dsdt(pci_mmio64: (u64, u64)) -> Vec<u8> {
     let mut table = Sdt::new(
         *b"DSDT",
         36,
@@ -52,7 +62,7 @@ pub(super) fn dsdt() -> Vec<u8> {
         OEM_REVISION,
     );
     table.append_slice(&s5());
-    table.append_slice(&com1());
+    table.append_slice(&system_bus(pci_mmio64));
     table.as_slice().to_vec()
 }
 
@@ -76,7 +86,7 @@ mod tests {
     #[test]
     fn com1_resources() {
         let aml = com1();
-        assert!(contains(&aml, b"\\_SB_"));
+        assert!(aml.starts_with(&[0x5b, 0x82]), "a Device");
         assert!(contains(&aml, b"COM1"));
         // _HID: EISAID("PNP0501") = 0x0105d041 as a DWord constant.
         assert!(contains(
@@ -96,8 +106,20 @@ mod tests {
     }
 
     #[test]
+    fn one_system_bus_scope_with_every_device() {
+        let aml = system_bus((4 << 30, 64 << 30));
+        assert_eq!(aml[0], 0x10, "ScopeOp");
+        assert_eq!(aml.windows(5).filter(|w| w == b"\\_SB_").count(), 1);
+        let com1 = com1();
+        let pci0 = pci::host_bridge((4 << 30, 64 << 30));
+        let mres = pci::motherboard_resources();
+        let devices = [com1, pci0, mres].concat();
+        assert!(aml.ends_with(&devices));
+    }
+
+    #[test]
     fn dsdt_header_and_checksum() {
-        let t = dsdt();
+        let t = dsdt((5 << 30, 64 << 30));
         assert_eq!(&t[0..4], b"DSDT");
         assert_eq!(
             u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize,
@@ -107,5 +129,7 @@ mod tests {
         assert_eq!(&t[10..16], b"ATRIUM");
         assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         assert!(contains(&t, b"_S5_"));
+        assert!(contains(&t, b"PCI0"));
+        assert!(contains(&t, b"MRES"));
     }
 }

@@ -1,11 +1,13 @@
-//! ACPI tables: RSDP (revision 2) at `RSDP_POINTER`, then XSDT, FADT, DSDT and MADT packed
-//! after it on 16-byte boundaries, all inside `RSDP_POINTER..ACPI_TABLES_END`.
+//! ACPI tables: RSDP (revision 2) at `RSDP_POINTER`, then XSDT, FADT, DSDT, MADT and MCFG
+//! packed after it on 16-byte boundaries, all inside `RSDP_POINTER..ACPI_TABLES_END`.
 //!
-//! The XSDT lists the FADT and MADT; the FADT points at the DSDT through `X_DSDT`. The tables
-//! are built with their final addresses, so [`tables`] returns exactly what
-//! [`create_acpi_tables`] writes.
+//! The XSDT lists the FADT, MADT and MCFG; the FADT points at the DSDT through `X_DSDT`. The
+//! DSDT describes the PCI host bridge of segment 0 with its windows and interrupt routing; the
+//! MCFG gives its ECAM area. The tables are built with their final addresses, so [`tables`]
+//! returns exactly what [`create_acpi_tables`] writes.
 
 mod dsdt;
+mod pci;
 mod tables;
 
 use acpi_tables::fadt::FADT;
@@ -15,7 +17,7 @@ use acpi_tables::Aml;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::layout::{ACPI_TABLES_END, RSDP_POINTER};
+use super::layout::{pci_mmio64_window, ACPI_TABLES_END, RSDP_POINTER};
 use super::mptable;
 
 /// OEM ID in every table header.
@@ -25,8 +27,8 @@ const OEM_REVISION: u32 = 1;
 const TABLE_ALIGN: u64 = 16;
 /// Size of the common ACPI table header.
 const HEADER_LEN: u64 = 36;
-/// The XSDT lists the FADT and the MADT.
-const XSDT_ENTRIES: u64 = 2;
+/// The XSDT lists the FADT, the MADT and the MCFG.
+const XSDT_ENTRIES: u64 = 3;
 /// APIC IDs 0..=254 fit the MADT's 8-bit local APIC entries (0xff is the broadcast ID).
 const MAX_CPUS: u32 = 255;
 
@@ -47,6 +49,12 @@ pub enum Error {
         boot: u32,
         /// Maximum vCPUs asked for.
         max: u32,
+    },
+    /// The PCI 64-bit MMIO window above this much RAM would pass the end of the address space.
+    #[error("no room for the PCI 64-bit MMIO window above {ram_size:#x} bytes of guest RAM; give the guest less memory")]
+    NoPciMmio64Window {
+        /// Guest RAM size in bytes.
+        ram_size: u64,
     },
     /// The tables do not fit below `ACPI_TABLES_END`.
     #[error("the ACPI tables would end at {end:#x}, past {ACPI_TABLES_END:#x}; use fewer vCPUs")]
@@ -76,7 +84,7 @@ fn align(addr: u64) -> u64 {
 }
 
 /// Builds all tables at their final addresses, RSDP first.
-fn build(boot_cpus: u32, max_cpus: u32) -> Result<Vec<Placed>, Error> {
+fn build(boot_cpus: u32, max_cpus: u32, ram_size: u64) -> Result<Vec<Placed>, Error> {
     let cpu_error = || Error::CpuCount {
         boot: boot_cpus,
         max: max_cpus,
@@ -87,7 +95,13 @@ fn build(boot_cpus: u32, max_cpus: u32) -> Result<Vec<Placed>, Error> {
     let boot = u8::try_from(boot_cpus).map_err(|_| cpu_error())?;
     let max = u8::try_from(max_cpus).map_err(|_| cpu_error())?;
 
-    let dsdt = dsdt::dsdt();
+    let mmio64 = pci_mmio64_window(ram_size);
+    if mmio64.1 == 0 || mmio64.0.checked_add(mmio64.1).is_none() {
+        return Err(Error::NoPciMmio64Window { ram_size });
+    }
+
+    let dsdt = dsdt::dsdt(mmio64);
+    let mcfg = tables::mcfg();
     // The same IOAPIC ID as the MP table, which lists the boot CPUs.
     let madt = tables::madt(boot, max, mptable::ioapic_id(boot_cpus));
 
@@ -96,7 +110,8 @@ fn build(boot_cpus: u32, max_cpus: u32) -> Result<Vec<Placed>, Error> {
     let fadt_addr = align(xsdt_addr + HEADER_LEN + 8 * XSDT_ENTRIES);
     let dsdt_addr = align(fadt_addr + FADT::len() as u64);
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
-    let end = madt_addr + madt.len() as u64;
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let end = mcfg_addr + mcfg.len() as u64;
     if end > ACPI_TABLES_END {
         return Err(Error::TooLarge { end });
     }
@@ -105,6 +120,7 @@ fn build(boot_cpus: u32, max_cpus: u32) -> Result<Vec<Placed>, Error> {
     let mut xsdt = XSDT::new(OEM_ID, oem_table_id(b"XSDT"), OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let mut rsdp_bytes = Vec::new();
@@ -136,26 +152,37 @@ fn build(boot_cpus: u32, max_cpus: u32) -> Result<Vec<Placed>, Error> {
             addr: madt_addr,
             bytes: madt,
         },
+        Placed {
+            signature: "MCFG",
+            addr: mcfg_addr,
+            bytes: mcfg,
+        },
     ])
 }
 
 /// The tables as bytes, each with its signature ("RSDP" for the root pointer, then "XSDT",
-/// "FACP", "DSDT", "APIC"), laid out for the addresses [`create_acpi_tables`] uses.
-pub fn tables(boot_cpus: u32, max_cpus: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
-    Ok(build(boot_cpus, max_cpus)?
+/// "FACP", "DSDT", "APIC", "MCFG"), laid out for the addresses [`create_acpi_tables`] uses.
+pub fn tables(
+    boot_cpus: u32,
+    max_cpus: u32,
+    ram_size: u64,
+) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    Ok(build(boot_cpus, max_cpus, ram_size)?
         .into_iter()
         .map(|t| (t.signature.to_string(), t.bytes))
         .collect())
 }
 
-/// Writes the RSDP, XSDT, FADT, DSDT and MADT for `boot_cpus` enabled and `max_cpus` possible
-/// vCPUs into guest memory and returns the RSDP's address.
+/// Writes the RSDP, XSDT, FADT, DSDT, MADT and MCFG for `boot_cpus` enabled and `max_cpus`
+/// possible vCPUs and `ram_size` bytes of guest RAM (which places the PCI 64-bit MMIO window,
+/// see [`pci_mmio64_window`]) into guest memory and returns the RSDP's address.
 pub fn create_acpi_tables<M: GuestMemoryBackend>(
     mem: &M,
     boot_cpus: u32,
     max_cpus: u32,
+    ram_size: u64,
 ) -> Result<GuestAddress, Error> {
-    let placed = build(boot_cpus, max_cpus)?;
+    let placed = build(boot_cpus, max_cpus, ram_size)?;
     for table in &placed {
         mem.write_slice(&table.bytes, GuestAddress(table.addr))
             .map_err(|_| Error::GuestWrite {
@@ -170,6 +197,9 @@ pub fn create_acpi_tables<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;
+
+    /// Guest RAM size the tables are built for (the test memory itself is smaller).
+    const RAM: u64 = 512 << 20;
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
@@ -204,7 +234,8 @@ mod tests {
         table
     }
 
-    /// Follows RSDP -> XSDT -> {FADT -> DSDT, MADT} in guest memory, checking every checksum.
+    /// Follows RSDP -> XSDT -> {FADT -> DSDT, MADT, MCFG} in guest memory, checking every
+    /// checksum.
     fn walk(mem: &GuestMemoryMmap, rsdp: GuestAddress) -> Vec<(u64, Vec<u8>)> {
         let r = read(mem, rsdp.0, 36);
         assert_eq!(&r[0..8], b"RSD PTR ");
@@ -235,12 +266,12 @@ mod tests {
     #[test]
     fn walk_from_the_rsdp() {
         let mem = memory();
-        let rsdp = create_acpi_tables(&mem, 2, 8).unwrap();
+        let rsdp = create_acpi_tables(&mem, 2, 8, RAM).unwrap();
         assert_eq!(rsdp, GuestAddress(0xe0000));
         let found = walk(&mem, rsdp);
         let mut signatures: Vec<&[u8]> = found.iter().map(|(_, t)| &t[0..4]).collect();
         signatures.sort();
-        assert_eq!(signatures, [b"APIC", b"DSDT", b"FACP", b"XSDT"]);
+        assert_eq!(signatures, [b"APIC", b"DSDT", b"FACP", b"MCFG", b"XSDT"]);
 
         // No two tables overlap.
         let mut ranges: Vec<(u64, u64)> = found
@@ -256,15 +287,57 @@ mod tests {
         let madt = &found.iter().find(|(_, t)| &t[0..4] == b"APIC").unwrap().1;
         let lapics = madt[44..].chunks(8).take_while(|e| e[0] == 0).count();
         assert_eq!(lapics, 8);
+
+        let mcfg = &found.iter().find(|(_, t)| &t[0..4] == b"MCFG").unwrap().1;
+        assert_eq!(u64_at(mcfg, 44), 0xe000_0000, "ECAM base");
+    }
+
+    #[test]
+    fn largest_tables_fit_the_acpi_area() {
+        let built = tables(255, 255, 1 << 40).unwrap();
+        let mut end = 0xe0000u64;
+        for (_, bytes) in &built {
+            end = end.div_ceil(16) * 16 + bytes.len() as u64;
+        }
+        assert!(end <= 0x10_0000, "tables end at {end:#x}");
+        // Written through the same placement: the walk checks every table's bounds.
+        let mem = memory();
+        let rsdp = create_acpi_tables(&mem, 255, 255, 1 << 40).unwrap();
+        assert_eq!(walk(&mem, rsdp).len(), 5, "XSDT, FACP, DSDT, APIC, MCFG");
+    }
+
+    #[test]
+    fn dsdt_follows_the_ram_size() {
+        let dsdt = |ram: u64| {
+            let built = tables(1, 1, ram).unwrap();
+            built.into_iter().find(|(n, _)| n == "DSDT").unwrap().1
+        };
+        let contains = |t: &[u8], start: u64| t.windows(8).any(|w| w == start.to_le_bytes());
+        assert!(contains(&dsdt(RAM), 4 << 30));
+        assert!(contains(&dsdt(6 << 30), 7 << 30));
+        assert!(!contains(&dsdt(6 << 30), 4 << 30));
+    }
+
+    #[test]
+    fn ram_too_large_for_the_mmio64_window() {
+        assert!(matches!(
+            tables(1, 1, u64::MAX),
+            Err(Error::NoPciMmio64Window { ram_size: u64::MAX })
+        ));
+        let mem = memory();
+        assert!(matches!(
+            create_acpi_tables(&mem, 1, 1, u64::MAX - (1 << 30)),
+            Err(Error::NoPciMmio64Window { .. })
+        ));
     }
 
     #[test]
     fn tables_match_what_is_written() {
         let mem = memory();
-        create_acpi_tables(&mem, 1, 1).unwrap();
-        let built = tables(1, 1).unwrap();
+        create_acpi_tables(&mem, 1, 1, RAM).unwrap();
+        let built = tables(1, 1, RAM).unwrap();
         let names: Vec<&str> = built.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["RSDP", "XSDT", "FACP", "DSDT", "APIC"]);
+        assert_eq!(names, ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"]);
         let found = walk(&mem, GuestAddress(0xe0000));
         for (name, bytes) in &built[1..] {
             let (_, in_memory) = found
@@ -278,7 +351,7 @@ mod tests {
 
     #[test]
     fn madt_ioapic_matches_the_mp_table() {
-        let built = tables(3, 8).unwrap();
+        let built = tables(3, 8, RAM).unwrap();
         let madt = &built.iter().find(|(n, _)| n == "APIC").unwrap().1;
         let mut at = 44;
         let mut ioapic_id = None;
@@ -294,7 +367,7 @@ mod tests {
     #[test]
     fn every_table_sums_to_zero() {
         for (boot, max) in [(1, 1), (2, 8), (8, 8), (1, 255), (255, 255)] {
-            for (name, bytes) in tables(boot, max).unwrap() {
+            for (name, bytes) in tables(boot, max, RAM).unwrap() {
                 let len = if name == "RSDP" {
                     assert_eq!(sum(&bytes[0..20]), 0);
                     36
@@ -310,11 +383,14 @@ mod tests {
     #[test]
     fn bad_cpu_counts() {
         for (boot, max) in [(0, 1), (2, 1), (1, 256), (300, 300)] {
-            assert!(matches!(tables(boot, max), Err(Error::CpuCount { .. })));
+            assert!(matches!(
+                tables(boot, max, RAM),
+                Err(Error::CpuCount { .. })
+            ));
         }
         let mem = memory();
         assert!(matches!(
-            create_acpi_tables(&mem, 0, 0),
+            create_acpi_tables(&mem, 0, 0, RAM),
             Err(Error::CpuCount { .. })
         ));
     }
@@ -324,7 +400,7 @@ mod tests {
         let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9fc00)]).unwrap();
         assert!(matches!(
-            create_acpi_tables(&mem, 1, 1),
+            create_acpi_tables(&mem, 1, 1, RAM),
             Err(Error::GuestWrite {
                 table: "RSDP",
                 addr: 0xe0000

@@ -1,13 +1,16 @@
-//! The fixed-format tables: FADT (hardware-reduced, with sleep and reset registers) and MADT
-//! (local APICs, IOAPIC, IRQ 0 override, LINT1 NMI).
+//! The fixed-format tables: FADT (hardware-reduced, with sleep and reset registers), MADT
+//! (local APICs, IOAPIC, IRQ 0 override, LINT1 NMI) and MCFG (the PCI ECAM area).
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
-use super::super::layout::{ACPI_PM_PORT, APIC_START, IOAPIC_START};
+use super::super::layout::{
+    ACPI_PM_PORT, APIC_START, IOAPIC_START, PCI_MMCONFIG_SIZE, PCI_MMCONFIG_START,
+};
 use super::{oem_table_id, OEM_ID, OEM_REVISION};
 
 /// Value written to the reset register to reset the VM.
@@ -34,6 +37,11 @@ const TIMER_GSI: u32 = 2;
 const INTI_CONFORMING: u16 = 0;
 const ALL_PROCESSORS: u8 = 0xff;
 const NMI_LINT: u8 = 1;
+
+/// The only PCI segment.
+const PCI_SEGMENT: u16 = 0;
+/// Each bus takes 1 MiB of ECAM space.
+const ECAM_BYTES_PER_BUS: u64 = 1 << 20;
 
 /// The FADT: hardware-reduced ACPI, the sleep control/status and reset registers on the ACPI
 /// PM port, the DSDT at `dsdt_addr`.
@@ -97,6 +105,18 @@ pub(super) fn madt(boot_cpus: u8, max_cpus: u8, ioapic_id: u8) -> Vec<u8> {
 
     table.append_slice(&structures);
     table.as_slice().to_vec()
+}
+
+/// The MCFG: one ECAM allocation, segment 0, buses 0 to the last the ECAM area covers.
+pub(super) fn mcfg() -> Vec<u8> {
+    // 256 MiB of ECAM space covers buses 0-255, so the last bus fits a byte.
+    let buses = PCI_MMCONFIG_SIZE / ECAM_BYTES_PER_BUS;
+    let end_bus = u8::try_from(buses - 1).unwrap_or(u8::MAX);
+    let mut table = MCFG::new(OEM_ID, oem_table_id(b"MCFG"), OEM_REVISION);
+    table.add_ecam(PCI_MMCONFIG_START, PCI_SEGMENT, 0, end_bus);
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
 }
 
 #[cfg(test)]
@@ -184,6 +204,23 @@ mod tests {
         assert_eq!(nmi.len(), 1);
         assert_eq!(nmi[0].1, vec![4, 6, 0xff, 0, 0, 1]);
         assert_eq!(s.len(), 8 + 3);
+    }
+
+    #[test]
+    fn mcfg_bytes() {
+        let t = mcfg();
+        assert_eq!(t.len(), 36 + 8 + 16);
+        assert_eq!(&t[0..4], b"MCFG");
+        assert_eq!(u32_at(&t, 4), 60, "length");
+        assert_eq!(t[8], 1, "revision");
+        assert_eq!(sum(&t), 0, "checksum");
+        assert_eq!(&t[10..16], b"ATRIUM");
+        assert_eq!(&t[16..24], b"ATRMMCFG");
+        assert_eq!(t[36..44], [0; 8], "reserved");
+        assert_eq!(u64_at(&t, 44), 0xe000_0000, "base address");
+        assert_eq!(t[52..54], [0, 0], "segment");
+        assert_eq!((t[54], t[55]), (0, 255), "start and end bus");
+        assert_eq!(t[56..60], [0; 4], "reserved");
     }
 
     #[test]
