@@ -1,1 +1,19 @@
-//! devices
+//! Atrium's legacy and platform devices.
+//!
+//! Every device here is a plain state machine that knows its register offsets, never its address: the VMM places it
+//! on a [`Bus`] (port I/O or MMIO) at a base address, and the bus hands it offsets relative to that base. Devices
+//! raise interrupts through [`InterruptLine`] or [`MsiSender`] and ask for a VM power-off or reset through
+//! [`PlatformEvents`]; nothing in this crate knows about KVM.
+//!
+//! Each device can report its guest-visible state as a `*State` value (kept apart from live handles such as writers
+//! or callbacks) and be rebuilt or updated from one, so the VMM can carry state across a guest reboot or, later,
+//! into a snapshot.
+
+pub mod bus;
+pub mod interrupt;
+pub mod platform;
+
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use interrupt::{InterruptLine, MsiMessage, MsiSender};
+pub use platform::PlatformEvents;
