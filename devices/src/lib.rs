@@ -9,9 +9,14 @@
 //! or callbacks) and be rebuilt or updated from one, so the VMM can carry state across a guest reboot or, later,
 //! into a snapshot.
 
+pub mod acpi;
 pub mod bus;
+pub mod debug_exit;
+pub mod i8042;
 pub mod interrupt;
 pub mod platform;
+pub mod port80;
+pub mod serial;
 
 
 pub use bus::{Bus, BusDevice, BusError};
