@@ -11,6 +11,7 @@
 
 pub mod acpi;
 pub mod bus;
+pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
 pub mod interrupt;
@@ -18,6 +19,7 @@ pub mod platform;
 pub mod port80;
 pub mod serial;
 
+mod host_time;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use interrupt::{InterruptLine, MsiMessage, MsiSender};
