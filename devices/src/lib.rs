@@ -15,6 +15,7 @@ pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
 pub mod interrupt;
+pub mod ioapic;
 pub mod platform;
 pub mod port80;
 pub mod serial;
