@@ -8,17 +8,21 @@
 //! Nothing here knows about KVM: the VMM registers the notification events the transport exposes as ioeventfds and
 //! implements [`pci::MsiDelivery`] for MSI-X.
 
+mod chain;
 mod device;
+mod rng;
 mod transport;
 mod worker;
 
 #[cfg(test)]
 mod test_utils;
 
+pub use chain::ChainError;
 pub use device::{
     ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
 };
+pub use rng::{Rng, RngError, RngSource, MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
 pub use transport::{
     notify_address, VirtioPciDevice, VirtioPciDeviceState, VirtioPciError, COMMON_CONFIG_OFFSET,
     DEVICE_CONFIG_OFFSET, ISR_OFFSET, MAX_QUEUES, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET,

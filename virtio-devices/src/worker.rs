@@ -24,8 +24,12 @@ use crate::device::{
 pub(crate) trait ChainHandler: Send + 'static {
     /// Handles the chain and returns the number of bytes written into its device-writable buffers (the used
     /// length). Malformed chains are answered here (error status, or 0 bytes), never by panicking.
-    fn handle_chain(&mut self, queue_index: usize, chain: DescriptorChain<&GuestMemoryMmap>)
-        -> u32;
+    fn handle_chain(
+        &mut self,
+        queue_index: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32;
 }
 
 /// A queue the worker cannot serve any more.
@@ -64,7 +68,7 @@ pub(crate) fn process_queue<H: ChainHandler + ?Sized>(
             let chain = queue.iter(mem).map_err(corrupt)?.next();
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let len = handler.handle_chain(index, chain);
+            let len = handler.handle_chain(index, chain, mem);
             queue.add_used(mem, head, len).map_err(corrupt)?;
             served += 1;
             used_any = true;

@@ -17,6 +17,7 @@ impl ChainHandler for CountingHandler {
         &mut self,
         queue_index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
+        _mem: &GuestMemoryMmap,
     ) -> u32 {
         let count = chain.count();
         self.seen.lock().unwrap().push((queue_index, count));
