@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, Parser, ValueEnum};
 use vmm::config::{
-    ConfigError, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, TripleFaultAction,
-    VmConfig,
+    ConfigError, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig,
+    TripleFaultAction, VmConfig,
 };
 use vmm::Outcome;
 
@@ -71,6 +71,15 @@ struct Cli {
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = TripleFault::Crash)]
     triple_fault: TripleFault,
 
+    /// A virtio block device on a raw disk image (repeat for more disks)
+    #[arg(
+        long,
+        value_name = "path=PATH[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,id=NAME]"
+    )]
+    disk: Vec<String>,
+    /// A virtio entropy device (bytes from getrandom, or from src=PATH)
+    #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<String>,
     /// Log more (repeat for more detail)
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -103,6 +112,12 @@ impl Cli {
                 TripleFault::Reboot => TripleFaultAction::Reboot,
             },
             verbosity: self.verbose,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<_, _>>()?,
+            rng: self.rng.as_deref().map(RngConfig::parse).transpose()?,
         })
     }
 }

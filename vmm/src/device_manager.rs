@@ -16,6 +16,9 @@ use devices::{Bus, BusDevice, MsiSender, PlatformEvents};
 use hypervisor::Vm;
 
 use crate::console::ConsoleWriter;
+use crate::interrupts::MsiRouter;
+use crate::pci_segment::{PciSegment, PciSegmentError};
+use crate::virtio::{add_virtio_pci_device, VirtioError, VirtioPciHandle};
 
 /// COM1's ports.
 const COM1_PORT: u64 = 0x3f8;
@@ -45,6 +48,18 @@ pub enum DeviceError {
         /// The bus error.
         #[source]
         source: devices::BusError,
+    },
+    /// The PCI segment.
+    #[error(transparent)]
+    Pci(#[from] PciSegmentError),
+    /// A virtio device.
+    #[error("{name}: {source}")]
+    Virtio {
+        /// Which device.
+        name: String,
+        /// What failed.
+        #[source]
+        source: VirtioError,
     },
 }
 
@@ -80,6 +95,10 @@ pub struct DeviceManager {
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<Serial>>>,
     cmos: Arc<Mutex<Cmos>>,
+    pci: PciSegment,
+    msi_router: Arc<MsiRouter>,
+    virtio: Vec<(String, VirtioPciHandle)>,
+    vm: Arc<dyn Vm>,
     /// Devices kept alive here; the buses hold weak references.
     others: Vec<Arc<Mutex<dyn BusDevice>>>,
 }
@@ -149,12 +168,20 @@ impl DeviceManager {
             others.push(dev);
         }
 
+        // PCI segment 0: host bridge, configuration mechanism #1 and ECAM; devices come later.
+        let pci = PciSegment::new(&io_bus, &mmio_bus, setup.mem_below_4g + setup.mem_above_4g)?;
+        let msi_router = Arc::new(MsiRouter::new(vm.clone()));
+
         Ok(DeviceManager {
             io_bus,
             mmio_bus,
             ioapic,
             serial,
             cmos,
+            pci,
+            msi_router,
+            virtio: Vec::new(),
+            vm: vm.clone(),
             others,
         })
     }
@@ -182,6 +209,38 @@ impl DeviceManager {
     /// The CMOS state (kept across a guest reboot).
     pub fn cmos_state(&self) -> devices::cmos::CmosState {
         self.cmos.lock().unwrap_or_else(|p| p.into_inner()).state()
+    }
+
+    /// Puts a virtio device on the PCI bus under `name`.
+    pub fn add_virtio(
+        &mut self,
+        name: String,
+        mem: &virtio_devices::GuestMemory,
+        device: Box<dyn virtio_devices::VirtioDevice>,
+    ) -> Result<u8, DeviceError> {
+        let handle = add_virtio_pci_device(&self.vm, &self.pci, &self.msi_router, mem, device)
+            .map_err(|source| DeviceError::Virtio {
+                name: name.clone(),
+                source,
+            })?;
+        let slot = handle.slot;
+        self.virtio.push((name, handle));
+        Ok(slot)
+    }
+
+    /// Removes the virtio device called `name`.
+    pub fn remove_virtio(&mut self, name: &str) -> Result<bool, DeviceError> {
+        let Some(pos) = self.virtio.iter().position(|(n, _)| n == name) else {
+            return Ok(false);
+        };
+        let (_, handle) = self.virtio.remove(pos);
+        handle.remove(&self.pci)?;
+        Ok(true)
+    }
+
+    /// The PCI slots in use.
+    pub fn pci_slots(&self) -> Vec<u8> {
+        self.pci.occupied_slots()
     }
 
     /// How many platform devices are attached.

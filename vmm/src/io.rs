@@ -96,7 +96,8 @@ mod tests {
         let mmio = Arc::new(Bus::new());
         let dev: Arc<Mutex<dyn devices::BusDevice>> = Arc::new(Mutex::new(Fixed(0x12)));
         io.insert(dev.clone(), 0x80, 1).unwrap();
-        mmio.insert(dev, 0x1000, 0x10).unwrap();
+        // The buses hold weak references: `dev` keeps the device alive for the test.
+        mmio.insert(dev.clone(), 0x1000, 0x10).unwrap();
         let d = IoDispatch::new(io, mmio);
 
         let mut b = [0u8; 1];

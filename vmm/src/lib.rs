@@ -10,9 +10,12 @@ pub mod console;
 pub mod cpu;
 pub mod device_manager;
 pub mod events;
+pub mod interrupts;
 pub mod io;
 pub mod memory;
 pub mod payload;
+pub mod pci_segment;
+pub mod virtio;
 pub mod vm;
 
 use hypervisor::{Hypervisor, KvmHypervisor};

@@ -47,6 +47,12 @@ pub enum BuildError {
     /// vCPUs.
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    /// A disk image.
+    #[error("{0}")]
+    Disk(String),
+    /// The entropy source.
+    #[error("{0}")]
+    Rng(String),
 }
 
 /// How a boot ended.
@@ -81,7 +87,8 @@ pub struct Vm {
 
 impl Vm {
     /// Builds a VM from `config`, ready to start. The recipe, in order: VM and interrupt controllers, guest memory,
-    /// payload, devices, platform tables, boot parameters, vCPUs (created, not yet running).
+    /// payload, platform devices, virtio devices on PCI, platform tables, boot parameters, vCPUs (created, not yet
+    /// running).
     pub fn build(
         hv: &dyn Hypervisor,
         config: &VmConfig,
@@ -118,7 +125,37 @@ impl Vm {
             },
         )?;
 
-        // 5. Platform tables the guest discovers CPUs and interrupts from.
+        // 5. Virtio devices on PCI: disks first (in the order given), then the entropy device.
+        let mut devices = devices;
+        let guest_mem = virtio_devices::GuestMemory::new(mem.clone());
+        for (index, disk) in config.disks.iter().enumerate() {
+            let name = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
+            let backend =
+                virtio_devices::RawFile::open(&disk.path, disk.readonly).map_err(|e| {
+                    BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()))
+                })?;
+            let options = virtio_devices::BlockOptions {
+                serial: disk.serial.clone().unwrap_or_default(),
+                num_queues: disk.num_queues,
+                queue_size: disk.queue_size,
+            };
+            let block = virtio_devices::Block::new(Arc::new(backend), &options).map_err(|e| {
+                BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()))
+            })?;
+            devices.add_virtio(name, &guest_mem, Box::new(block))?;
+        }
+        if let Some(rng) = &config.rng {
+            let source = if rng.src.as_os_str() == "/dev/urandom" {
+                virtio_devices::RngSource::Getrandom
+            } else {
+                virtio_devices::RngSource::File(rng.src.clone())
+            };
+            let device = virtio_devices::Rng::new(&source)
+                .map_err(|e| BuildError::Rng(format!("--rng src={}: {e}", rng.src.display())))?;
+            devices.add_virtio("rng0".to_string(), &guest_mem, Box::new(device))?;
+        }
+
+        // 6. Platform tables the guest discovers CPUs and interrupts from.
         let boot_cpus = config.cpus.boot_vcpus;
         let max_cpus = config.cpus.max_vcpus;
         match arch::mptable::setup_mptable(mem, boot_cpus) {
@@ -132,7 +169,7 @@ impl Vm {
         let rsdp = arch::acpi::create_acpi_tables(mem, boot_cpus, max_cpus, ram)
             .map_err(|e| BuildError::BootTables(e.to_string()))?;
 
-        // 6. Boot parameters (zero page or PVH start info).
+        // 7. Boot parameters (zero page or PVH start info).
         arch::configure_system(
             mem,
             &BootSetup {
@@ -147,7 +184,7 @@ impl Vm {
         )
         .map_err(|e| BuildError::BootTables(e.to_string()))?;
 
-        // 7. vCPUs: the boot vCPU at the entry point, the others waiting for the guest's INIT/SIPI.
+        // 8. vCPUs: the boot vCPU at the entry point, the others waiting for the guest's INIT/SIPI.
         let base_cpuid = hv.supported_cpuid().map_err(BuildError::CreateVm)?;
         let boot = BootEntry {
             entry: loaded.entry,

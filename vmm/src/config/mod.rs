@@ -694,6 +694,12 @@ pub struct VmConfig {
     /// How much the VMM logs: 0 is errors only, each step up is one more `tracing` level.
     #[serde(default)]
     pub verbosity: u8,
+    /// Block devices, in PCI slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// The entropy device, if any.
+    #[serde(default)]
+    pub rng: Option<RngConfig>,
 }
 
 impl VmConfig {
@@ -709,7 +715,17 @@ impl VmConfig {
         self.memory.validate()?;
         self.memory.validate_against_host(host_memory)?;
         self.payload.validate()?;
-        self.serial.validate()
+        self.serial.validate()?;
+        let mut ids = std::collections::BTreeSet::new();
+        for disk in &self.disks {
+            disk.validate()?;
+            if let Some(id) = &disk.id {
+                if !ids.insert(id.clone()) {
+                    return Err(ConfigError::DuplicateDeviceId { id: id.clone() });
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -445,6 +445,8 @@ fn json_round_trip() {
         no_reboot: true,
         triple_fault: TripleFaultAction::Reboot,
         verbosity: 2,
+        disks: vec![DiskConfig::parse("path=/d.img,readonly=on,id=d0").unwrap()],
+        rng: Some(RngConfig::default()),
     };
     let json = serde_json::to_string(&c).unwrap();
     assert!(
@@ -462,4 +464,15 @@ fn json_round_trip() {
     let demo = serde_json::to_string(&VmConfig::default()).unwrap();
     assert!(demo.contains(r#""kernel":"builtin_demo""#), "{demo}");
     assert!(demo.contains(r#""serial":"tty""#), "{demo}");
+}
+
+#[test]
+fn duplicate_device_ids_are_rejected() {
+    let mut c = VmConfig::default();
+    let disk = DiskConfig::parse("path=/dev/null,id=same").unwrap();
+    c.disks = vec![disk.clone(), disk];
+    assert_eq!(
+        err(c.validate_against(None)),
+        "device id 'same' is used twice; give each device its own id="
+    );
 }

@@ -1,0 +1,187 @@
+//! Message-signalled interrupts for PCI devices: each MSI-X vector gets a GSI, a KVM MSI route and an irqfd, so a
+//! device thread (or, later, a vhost-user backend) raises an interrupt with one eventfd write and KVM delivers it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use hypervisor::{MsiRoute, Vm};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// GSIs below this belong to the IOAPIC's pins.
+const FIRST_MSI_GSI: u32 = 24;
+/// KVM's routing table limit (KVM_MAX_IRQ_ROUTES).
+const MAX_GSI: u32 = 4096;
+
+/// Errors setting up MSI vectors.
+#[derive(Debug, thiserror::Error)]
+pub enum InterruptError {
+    /// Every GSI is in use.
+    #[error("no free interrupt routes left (at most {MAX_GSI}); remove a device first")]
+    OutOfGsis,
+    /// An eventfd could not be created.
+    #[error("cannot create an irqfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// KVM refused a route or irqfd.
+    #[error("cannot set up an interrupt route: {0}")]
+    Hypervisor(#[source] hypervisor::HypervisorError),
+}
+
+/// The VM's MSI routing table, shared by every device.
+pub struct MsiRouter {
+    vm: Arc<dyn Vm>,
+    inner: Mutex<RouterState>,
+}
+
+struct RouterState {
+    routes: BTreeMap<u32, MsiRoute>,
+    /// GSIs handed out (with or without a route yet).
+    used: std::collections::BTreeSet<u32>,
+}
+
+impl MsiRouter {
+    /// Creates an empty routing table for `vm`.
+    pub fn new(vm: Arc<dyn Vm>) -> Self {
+        MsiRouter {
+            vm,
+            inner: Mutex::new(RouterState {
+                routes: BTreeMap::new(),
+                used: Default::default(),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RouterState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn allocate(&self, count: usize) -> Result<Vec<u32>, InterruptError> {
+        let mut state = self.state();
+        let free: Vec<u32> = (FIRST_MSI_GSI..MAX_GSI)
+            .filter(|g| !state.used.contains(g))
+            .take(count)
+            .collect();
+        if free.len() < count {
+            return Err(InterruptError::OutOfGsis);
+        }
+        state.used.extend(free.iter().copied());
+        Ok(free)
+    }
+
+    fn release(&self, gsis: &[u32]) -> Result<(), InterruptError> {
+        let mut state = self.state();
+        for gsi in gsis {
+            state.used.remove(gsi);
+            state.routes.remove(gsi);
+        }
+        self.apply(&state)
+    }
+
+    fn set_route(&self, route: MsiRoute) -> Result<(), InterruptError> {
+        let mut state = self.state();
+        if state.routes.get(&route.gsi) == Some(&route) {
+            return Ok(());
+        }
+        state.routes.insert(route.gsi, route);
+        self.apply(&state)
+    }
+
+    fn apply(&self, state: &RouterState) -> Result<(), InterruptError> {
+        let routes: Vec<MsiRoute> = state.routes.values().copied().collect();
+        self.vm
+            .set_msi_routing(&routes)
+            .map_err(InterruptError::Hypervisor)
+    }
+
+    /// Number of routes currently programmed (for counters and tests).
+    pub fn route_count(&self) -> usize {
+        self.state().routes.len()
+    }
+
+    /// Sets up `vectors` MSI vectors for one device: a GSI and a registered irqfd each.
+    pub fn device_vectors(
+        self: &Arc<Self>,
+        vectors: u16,
+    ) -> Result<Arc<DeviceMsi>, InterruptError> {
+        let gsis = self.allocate(usize::from(vectors))?;
+        let mut irqfds = Vec::with_capacity(gsis.len());
+        for &gsi in &gsis {
+            let fd = match EventFd::new(EFD_NONBLOCK) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = self.release(&gsis);
+                    return Err(InterruptError::EventFd(e));
+                }
+            };
+            if let Err(e) = self.vm.register_irqfd(&fd, gsi) {
+                for (old, gsi) in irqfds.iter().zip(&gsis) {
+                    let _ = self.vm.unregister_irqfd(old, *gsi);
+                }
+                let _ = self.release(&gsis);
+                return Err(InterruptError::Hypervisor(e));
+            }
+            irqfds.push(fd);
+        }
+        Ok(Arc::new(DeviceMsi {
+            router: self.clone(),
+            gsis,
+            irqfds,
+        }))
+    }
+}
+
+/// One device's MSI vectors. Dropping it unregisters the irqfds and frees the GSIs (device removal).
+pub struct DeviceMsi {
+    router: Arc<MsiRouter>,
+    gsis: Vec<u32>,
+    irqfds: Vec<EventFd>,
+}
+
+impl DeviceMsi {
+    /// The irqfd of `vector`, for backends that signal it directly.
+    pub fn irqfd(&self, vector: u16) -> Option<&EventFd> {
+        self.irqfds.get(usize::from(vector))
+    }
+}
+
+impl pci::MsiDelivery for DeviceMsi {
+    fn deliver(&self, vector: u16, address: u64, data: u32) -> std::io::Result<()> {
+        let index = usize::from(vector);
+        let (Some(&gsi), Some(fd)) = (self.gsis.get(index), self.irqfds.get(index)) else {
+            return Err(std::io::Error::other(format!("no MSI vector {vector}")));
+        };
+        // Make sure the route matches the message before signalling (a table write may not have reached KVM yet).
+        self.router
+            .set_route(MsiRoute { gsi, address, data })
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        fd.write(1)
+    }
+
+    fn update_route(
+        &self,
+        vector: u16,
+        address: u64,
+        data: u32,
+        _masked: bool,
+    ) -> std::io::Result<()> {
+        // Masking is done by the MSI-X layer (it holds masked messages pending); the route just follows the table.
+        let Some(&gsi) = self.gsis.get(usize::from(vector)) else {
+            return Err(std::io::Error::other(format!("no MSI vector {vector}")));
+        };
+        self.router
+            .set_route(MsiRoute { gsi, address, data })
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+impl Drop for DeviceMsi {
+    fn drop(&mut self) {
+        for (fd, gsi) in self.irqfds.iter().zip(&self.gsis) {
+            if let Err(e) = self.router.vm.unregister_irqfd(fd, *gsi) {
+                tracing::warn!("cannot unregister irqfd for GSI {gsi}: {e}");
+            }
+        }
+        if let Err(e) = self.router.release(&self.gsis) {
+            tracing::warn!("cannot release interrupt routes: {e}");
+        }
+    }
+}

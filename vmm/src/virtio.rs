@@ -1,0 +1,157 @@
+//! Virtio devices on PCI, VMM side: BAR space, MSI-X vectors (GSI routes + irqfds), queue doorbells (ioeventfds),
+//! and following the BAR when the guest moves it. Each device's live handles are kept in a [`VirtioPciHandle`] so a
+//! device can be removed at run time.
+
+use std::sync::{Arc, Mutex};
+
+use hypervisor::{IoEventAddress, Vm};
+use virtio_devices::{GuestMemory, VirtioDevice, VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::interrupts::{DeviceMsi, InterruptError, MsiRouter};
+use crate::pci_segment::{BarMoveHook, PciSegment, PciSegmentError};
+
+/// Errors adding a virtio device.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// PCI slot or BAR space.
+    #[error(transparent)]
+    Pci(#[from] PciSegmentError),
+    /// MSI vectors.
+    #[error(transparent)]
+    Interrupts(#[from] InterruptError),
+    /// The transport rejected the device.
+    #[error("cannot create the virtio-pci function: {0}")]
+    Transport(#[source] virtio_devices::VirtioPciError),
+    /// Doorbell eventfds.
+    #[error("cannot set up queue notifications: {0}")]
+    Doorbell(String),
+}
+
+/// Queue doorbells registered with the hypervisor; they move with the BAR.
+struct Doorbells {
+    vm: Arc<dyn Vm>,
+    /// (eventfd, offset from BAR 0)
+    fds: Vec<(EventFd, u64)>,
+    base: u64,
+}
+
+impl Doorbells {
+    fn register(&self, base: u64) -> Result<(), String> {
+        for (i, (fd, offset)) in self.fds.iter().enumerate() {
+            if let Err(e) = self
+                .vm
+                .register_ioevent(fd, IoEventAddress::Mmio(base + offset), None)
+            {
+                for (fd, offset) in &self.fds[..i] {
+                    let _ =
+                        self.vm
+                            .unregister_ioevent(fd, IoEventAddress::Mmio(base + offset), None);
+                }
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn unregister(&self, base: u64) {
+        for (fd, offset) in &self.fds {
+            if let Err(e) =
+                self.vm
+                    .unregister_ioevent(fd, IoEventAddress::Mmio(base + offset), None)
+            {
+                tracing::warn!("cannot unregister a doorbell at {:#x}: {e}", base + offset);
+            }
+        }
+    }
+
+    fn moved(&mut self, old: u64, new: u64) {
+        if old != self.base {
+            return;
+        }
+        self.unregister(old);
+        match self.register(new) {
+            Ok(()) => self.base = new,
+            Err(e) => {
+                // Without ioeventfds the notify writes still reach the device through its BAR (slower path).
+                tracing::warn!("doorbells not moved to {new:#x}: {e}");
+                self.base = new;
+                self.fds.clear();
+            }
+        }
+    }
+}
+
+/// A virtio device attached to the PCI bus, with everything that must go when it is removed.
+pub struct VirtioPciHandle {
+    /// The PCI slot.
+    pub slot: u8,
+    /// The function.
+    pub device: Arc<Mutex<VirtioPciDevice>>,
+    doorbells: Arc<Mutex<Doorbells>>,
+    _msi: Arc<DeviceMsi>,
+}
+
+impl VirtioPciHandle {
+    /// Takes the device off the bus: unmaps its BARs, unregisters its doorbells and frees its interrupt routes.
+    pub fn remove(self, segment: &PciSegment) -> Result<(), PciSegmentError> {
+        segment.remove_device(self.slot)?;
+        let doorbells = self.doorbells.lock().unwrap_or_else(|p| p.into_inner());
+        doorbells.unregister(doorbells.base);
+        Ok(())
+    }
+}
+
+/// Puts `device` on the PCI bus as a virtio-pci function.
+pub fn add_virtio_pci_device(
+    vm: &Arc<dyn Vm>,
+    segment: &PciSegment,
+    router: &Arc<MsiRouter>,
+    mem: &GuestMemory,
+    device: Box<dyn VirtioDevice>,
+) -> Result<VirtioPciHandle, VirtioError> {
+    let queues = device.queue_max_sizes().len();
+    let bar = segment.allocate_bar(VIRTIO_PCI_BAR_SIZE, true)?;
+    // One vector per queue plus the configuration-change vector.
+    let vectors = u16::try_from(queues + 1).unwrap_or(u16::MAX);
+    let msi = router.device_vectors(vectors)?;
+    let function = VirtioPciDevice::new(device, mem.clone(), bar, msi.clone(), None)
+        .map_err(VirtioError::Transport)?;
+    let fds = function
+        .ioeventfds(bar)
+        .map_err(|e| VirtioError::Doorbell(e.to_string()))?
+        .into_iter()
+        .map(|(fd, addr)| (fd, addr - bar))
+        .collect();
+    let doorbells = Doorbells {
+        vm: vm.clone(),
+        fds,
+        base: bar,
+    };
+    doorbells.register(bar).map_err(VirtioError::Doorbell)?;
+    let doorbells = Arc::new(Mutex::new(doorbells));
+    let device = Arc::new(Mutex::new(function));
+    let hook_doorbells = doorbells.clone();
+    let hook: BarMoveHook = Arc::new(move |old, new| {
+        hook_doorbells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .moved(old, new);
+    });
+    let slot = match segment.add_device(None, device.clone(), Some(hook)) {
+        Ok(slot) => slot,
+        Err(e) => {
+            doorbells
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unregister(bar);
+            return Err(e.into());
+        }
+    };
+    Ok(VirtioPciHandle {
+        slot,
+        device,
+        doorbells,
+        _msi: msi,
+    })
+}
