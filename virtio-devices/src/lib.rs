@@ -8,6 +8,7 @@
 //! Nothing here knows about KVM: the VMM registers the notification events the transport exposes as ioeventfds and
 //! implements [`pci::MsiDelivery`] for MSI-X.
 
+mod block;
 mod chain;
 mod device;
 mod rng;
@@ -17,6 +18,11 @@ mod worker;
 #[cfg(test)]
 mod test_utils;
 
+pub use block::{
+    Block, BlockError, BlockOptions, DiskBackend, DiskError, RawFile, Request, RequestError,
+    RequestErrorKind, RequestType, Segment, DEFAULT_QUEUE_SIZE, DISCARD_SEGMENT_SIZE,
+    REQUEST_HEADER_SIZE, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+};
 pub use chain::ChainError;
 pub use device::{
     ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
