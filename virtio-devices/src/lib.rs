@@ -19,9 +19,9 @@ mod worker;
 mod test_utils;
 
 pub use block::{
-    Block, BlockError, BlockOptions, DiskBackend, DiskError, RawFile, Request, RequestError,
-    RequestErrorKind, RequestType, Segment, DEFAULT_QUEUE_SIZE, DISCARD_SEGMENT_SIZE,
-    REQUEST_HEADER_SIZE, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+    open_disk, Block, BlockError, BlockOptions, DiskBackend, DiskError, DiskFormat, Qcow2File,
+    RawFile, Request, RequestError, RequestErrorKind, RequestType, Segment, DEFAULT_QUEUE_SIZE,
+    DISCARD_SEGMENT_SIZE, REQUEST_HEADER_SIZE, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
 };
 pub use chain::ChainError;
 pub use device::{

@@ -5,13 +5,18 @@
 //! WRITE_ZEROES for writable ones. Without FLUSH negotiated the device is write-through. Read-only disks fail every
 //! write with VIRTIO_BLK_S_IOERR, unknown request types get VIRTIO_BLK_S_UNSUPP and requests past the capacity get
 //! VIRTIO_BLK_S_IOERR.
+//!
+//! Disk images are raw files ([`RawFile`]) or qcow2 ([`Qcow2File`]), both behind [`DiskBackend`] and both locked
+//! on open so two VMs cannot write one image.
 
 mod backend;
 mod handler;
 mod lock;
+mod qcow2;
 mod request;
 
 use std::mem::{offset_of, size_of};
+use std::path::Path;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -24,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use backend::{DiskBackend, DiskError, RawFile};
 pub use handler::VIRTIO_BLK_ID_BYTES;
+pub use qcow2::Qcow2File;
 pub use request::{
     Request, RequestError, RequestErrorKind, RequestType, Segment, DISCARD_SEGMENT_SIZE,
     REQUEST_HEADER_SIZE, SECTOR_SIZE,
@@ -36,6 +42,42 @@ use crate::device::{
 use crate::transport::MAX_QUEUES;
 use crate::worker::Worker;
 use handler::{BlockContext, BlockHandler, RangeLimits};
+
+/// The format of a disk image. It is always given, never guessed from the contents: a guest that can write a raw
+/// image could otherwise make it look like a qcow2 image pointing at host files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// Raw: disk byte `n` is file byte `n`.
+    Raw,
+    /// qcow2, without backing files or external data files.
+    Qcow2,
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(Self::Raw),
+            "qcow2" => Ok(Self::Qcow2),
+            other => Err(format!(
+                "unknown disk image format {other:?}; use raw or qcow2"
+            )),
+        }
+    }
+}
+
+/// Opens and locks the image at `path` (exclusively for read-write, shared for read-only).
+pub fn open_disk(
+    path: &Path,
+    format: DiskFormat,
+    read_only: bool,
+) -> Result<Arc<dyn DiskBackend>, DiskError> {
+    Ok(match format {
+        DiskFormat::Raw => Arc::new(RawFile::open(path, read_only)?),
+        DiskFormat::Qcow2 => Arc::new(Qcow2File::open(path, read_only)?),
+    })
+}
 
 /// Default size of each request queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
