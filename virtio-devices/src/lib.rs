@@ -4,6 +4,14 @@
 //!   `activate`/`reset`. Each active device serves its queues on its own thread, woken by epoll on the queue
 //!   notification events and a kill event.
 //! - [`VirtioInterrupt`] is how a device notifies the driver; the transport implements it.
+//! - [`VirtioPciDevice`] is the modern virtio-pci transport: a [`pci::PciDevice`] with the common, notification,
+//!   ISR and device configuration structures and MSI-X in BAR 0 (layout in its documentation).
+//! - [`Rng`] is virtio-rng; [`Block`] is virtio-blk over a [`DiskBackend`] ([`RawFile`] or [`Qcow2File`], opened
+//!   with [`open_disk`]). [`Request::parse`] is the block request parser on its own, for fuzzing.
+//!
+//! Guest input is never trusted: descriptor chains are walked with virtio-queue's bounded iterator and every guest
+//! buffer is accessed through vm-memory's checked accessors. A malformed request gets an error status (or a used
+//! length of 0 when it has no status byte); corrupt rings or an invalid queue setup set DEVICE_NEEDS_RESET.
 //!
 //! Nothing here knows about KVM: the VMM registers the notification events the transport exposes as ioeventfds and
 //! implements [`pci::MsiDelivery`] for MSI-X.

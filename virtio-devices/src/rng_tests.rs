@@ -197,3 +197,24 @@ fn the_device_describes_itself_and_runs_on_its_thread() {
     assert_eq!(events.len(), 1);
     assert!(rng.reset().is_none());
 }
+
+#[test]
+fn hostile_chains_never_panic() {
+    use crate::test_utils::{hostile_queue, XorShift};
+
+    let mut handler = handler(&RngSource::Getrandom);
+    let mem = guest_memory();
+    let mut rng = XorShift(0x0123_4567_89ab_cdef);
+    for _ in 0..3000 {
+        let guard = mem.memory();
+        let vq = MockSplitQueue::new(&*guard, 16);
+        hostile_queue(&vq, &mut rng);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        if process_queue(&mut handler, 0, &mut queue, &guard).is_ok() {
+            for slot in 0..vq.used().idx().load() {
+                let used = vq.used().ring().ref_at(usize::from(slot)).unwrap().load();
+                assert!(used.len() as usize <= MAX_BYTES_PER_REQUEST);
+            }
+        }
+    }
+}

@@ -69,3 +69,61 @@ pub(crate) fn next_report(rx: &Receiver<Reported>) -> Reported {
     rx.recv_timeout(Duration::from_secs(60))
         .expect("the device thread reported nothing")
 }
+
+/// xorshift64: small, deterministic, no extra crates.
+pub(crate) struct XorShift(pub(crate) u64);
+
+impl XorShift {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// One of `choices`.
+    pub(crate) fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
+        choices[(self.next() % choices.len() as u64) as usize]
+    }
+}
+
+/// Fills a 16-entry queue with random descriptors (loops, indirect tables, addresses in and far outside RAM, odd
+/// lengths, both directions) and random available-ring heads. Buffers mostly land in `0x10_0000..0x10_4000`.
+pub(crate) fn hostile_queue(
+    vq: &virtio_queue::mock::MockSplitQueue<'_, GuestMemoryMmap>,
+    rng: &mut XorShift,
+) {
+    use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+
+    for index in 0..16u16 {
+        let addr = match rng.next() % 6 {
+            0 => rng.next(),
+            1 => MEM_SIZE as u64 - rng.next() % 64,
+            _ => 0x10_0000 + rng.next() % 0x4000,
+        };
+        let len = rng.pick(&[0u32, 1, 8, 15, 16, 17, 512, 513, 1024, 4096, u32::MAX]);
+        let mut flags = 0u16;
+        if rng.next() % 3 != 0 {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        if rng.next() % 2 == 0 {
+            flags |= VRING_DESC_F_WRITE as u16;
+        }
+        if rng.next() % 10 == 0 {
+            flags |= VRING_DESC_F_INDIRECT as u16;
+        }
+        let next = (rng.next() % 20) as u16;
+        vq.desc_table()
+            .store(
+                index,
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
+            )
+            .unwrap();
+    }
+    let count = 1 + rng.next() % 4;
+    for slot in 0..count {
+        let head = (rng.next() % 18) as u16;
+        vq.avail().ring().ref_at(slot as usize).unwrap().store(head);
+    }
+    vq.avail().idx().store(count as u16);
+}
