@@ -103,13 +103,13 @@ pub(crate) fn hostile_queue(
         };
         let len = rng.pick(&[0u32, 1, 8, 15, 16, 17, 512, 513, 1024, 4096, u32::MAX]);
         let mut flags = 0u16;
-        if rng.next() % 3 != 0 {
+        if !rng.next().is_multiple_of(3) {
             flags |= VRING_DESC_F_NEXT as u16;
         }
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             flags |= VRING_DESC_F_WRITE as u16;
         }
-        if rng.next() % 10 == 0 {
+        if rng.next().is_multiple_of(10) {
             flags |= VRING_DESC_F_INDIRECT as u16;
         }
         let next = (rng.next() % 20) as u16;

@@ -603,7 +603,7 @@ fn hostile_chains_never_panic_or_escape_the_disk() {
             guard.write_slice(&header, GuestAddress(base)).unwrap();
         }
         let vq = MockSplitQueue::new(&*guard, 16);
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             hostile_queue(&vq, &mut rng);
         } else {
             // A well-formed request with one field bent.
