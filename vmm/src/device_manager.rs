@@ -63,14 +63,29 @@ pub enum DeviceError {
     },
 }
 
-/// Sends MSIs through the hypervisor.
-struct HypervisorMsi(Arc<dyn Vm>);
+/// The IOAPIC's outputs: MSIs sent through the hypervisor, and its pins' messages mirrored into the routing table.
+struct IoapicMsi {
+    vm: Arc<dyn Vm>,
+    router: Arc<MsiRouter>,
+}
 
-impl MsiSender for HypervisorMsi {
+impl MsiSender for IoapicMsi {
     fn send_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
-        self.0
+        self.vm
             .signal_msi(address, data)
             .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn route_changed(&self, source: usize, msi: Option<devices::MsiMessage>) {
+        let Ok(pin) = u32::try_from(source) else {
+            return;
+        };
+        if let Err(e) = self
+            .router
+            .set_ioapic_pin_route(pin, msi.map(|m| (m.address, m.data)))
+        {
+            tracing::warn!("cannot route IOAPIC pin {pin}: {e}");
+        }
     }
 }
 
@@ -117,7 +132,11 @@ impl DeviceManager {
                 .map_err(|source| DeviceError::Bus { name, source })
         };
 
-        let ioapic = Arc::new(Mutex::new(Ioapic::new(Arc::new(HypervisorMsi(vm.clone())))));
+        let msi_router = Arc::new(MsiRouter::new(vm.clone()));
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(Arc::new(IoapicMsi {
+            vm: vm.clone(),
+            router: msi_router.clone(),
+        }))));
         place(
             &mmio_bus,
             ioapic.clone(),
@@ -170,7 +189,6 @@ impl DeviceManager {
 
         // PCI segment 0: host bridge, configuration mechanism #1 and ECAM; devices come later.
         let pci = PciSegment::new(&io_bus, &mmio_bus, setup.mem_below_4g + setup.mem_above_4g)?;
-        let msi_router = Arc::new(MsiRouter::new(vm.clone()));
 
         Ok(DeviceManager {
             io_bus,

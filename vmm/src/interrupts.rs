@@ -92,6 +92,32 @@ impl MsiRouter {
             .map_err(InterruptError::Hypervisor)
     }
 
+    /// Mirrors IOAPIC pin `pin`'s message into the routing table (or removes it when masked). With KVM's split
+    /// irqchip this is how KVM learns which vectors are level-triggered and need an EOI exit to the IOAPIC.
+    pub fn set_ioapic_pin_route(
+        &self,
+        pin: u32,
+        msi: Option<(u64, u32)>,
+    ) -> Result<(), InterruptError> {
+        if pin >= FIRST_MSI_GSI {
+            return Ok(());
+        }
+        match msi {
+            Some((address, data)) => self.set_route(MsiRoute {
+                gsi: pin,
+                address,
+                data,
+            }),
+            None => {
+                let mut state = self.state();
+                if state.routes.remove(&pin).is_none() {
+                    return Ok(());
+                }
+                self.apply(&state)
+            }
+        }
+    }
+
     /// Number of routes currently programmed (for counters and tests).
     pub fn route_count(&self) -> usize {
         self.state().routes.len()
