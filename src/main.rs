@@ -71,10 +71,10 @@ struct Cli {
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = TripleFault::Crash)]
     triple_fault: TripleFault,
 
-    /// A virtio block device on a raw disk image (repeat for more disks)
+    /// A virtio block device on a raw or qcow2 image (repeat for more disks)
     #[arg(
         long,
-        value_name = "path=PATH[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,serial=ID][,id=NAME]"
+        value_name = "path=PATH[,format=raw|qcow2][,readonly=on][,num_queues=N][,queue_size=N][,serial=ID][,id=NAME]"
     )]
     disk: Vec<String>,
     /// A virtio entropy device (bytes from getrandom, or from src=PATH)

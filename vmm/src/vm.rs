@@ -9,7 +9,7 @@ use epoll::{ControlOptions, Event, Events};
 use hypervisor::{Hypervisor, Vcpu};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{TripleFaultAction, VmConfig};
+use crate::config::{DiskImageFormat, TripleFaultAction, VmConfig};
 use crate::console::{Console, ConsoleInput};
 use crate::cpu::{self, BootEntry, CpuError, VcpuContext, VcpuHandle};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup, IOAPIC_PINS};
@@ -130,18 +130,22 @@ impl Vm {
         let guest_mem = virtio_devices::GuestMemory::new(mem.clone());
         for (index, disk) in config.disks.iter().enumerate() {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
-            let backend =
-                virtio_devices::RawFile::open(&disk.path, disk.readonly).map_err(|e| {
-                    BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()))
-                })?;
+            let disk_err =
+                |e: String| BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()));
+            let format = match disk.format {
+                Some(DiskImageFormat::Raw) => virtio_devices::DiskFormat::Raw,
+                Some(DiskImageFormat::Qcow2) => virtio_devices::DiskFormat::Qcow2,
+                None => detect_disk_format(&disk.path).map_err(|e| disk_err(e.to_string()))?,
+            };
+            let backend = virtio_devices::open_disk(&disk.path, format, disk.readonly)
+                .map_err(|e| disk_err(e.to_string()))?;
             let options = virtio_devices::BlockOptions {
                 serial: disk.serial.clone().unwrap_or_default(),
                 num_queues: disk.num_queues,
                 queue_size: disk.queue_size,
             };
-            let block = virtio_devices::Block::new(Arc::new(backend), &options).map_err(|e| {
-                BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()))
-            })?;
+            let block = virtio_devices::Block::new(backend, &options)
+                .map_err(|e| disk_err(e.to_string()))?;
             devices.add_virtio(name, &guest_mem, Box::new(block))?;
         }
         if let Some(rng) = &config.rng {
@@ -342,6 +346,19 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The format of a disk image given without `format=`: qcow2 if it starts with the qcow2 magic, raw otherwise.
+fn detect_disk_format(path: &std::path::Path) -> std::io::Result<virtio_devices::DiskFormat> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path)?;
+    let n = file.read(&mut magic)?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        virtio_devices::DiskFormat::Qcow2
+    } else {
+        virtio_devices::DiskFormat::Raw
+    })
 }
 
 /// A small owner of an epoll descriptor.

@@ -16,6 +16,7 @@ const DISK_KEYS: &[&str] = &[
     "serial",
     "id",
     "bootindex",
+    "format",
 ];
 const NET_OPTION: &str = "--net";
 const NET_KEYS: &[&str] = &["tap", "mac", "num_queues", "queue_size", "id"];
@@ -57,6 +58,19 @@ pub struct DiskConfig {
     /// Firmware boot order (lower boots first).
     #[serde(default)]
     pub bootindex: Option<u32>,
+    /// The image format; `None` detects it from the file's first bytes.
+    #[serde(default)]
+    pub format: Option<DiskImageFormat>,
+}
+
+/// Disk image formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskImageFormat {
+    /// Disk byte n is file byte n.
+    Raw,
+    /// QEMU's copy-on-write format.
+    Qcow2,
 }
 
 /// A network device on a tap interface.
@@ -201,6 +215,19 @@ impl DiskConfig {
             serial,
             id: parse_id(&pairs, DISK_OPTION)?,
             bootindex: pairs.get_u32("bootindex")?,
+            format: match pairs.get("format") {
+                None => None,
+                Some("raw") => Some(DiskImageFormat::Raw),
+                Some("qcow2") => Some(DiskImageFormat::Qcow2),
+                Some(other) => {
+                    return Err(ConfigError::InvalidValue {
+                        option: DISK_OPTION,
+                        key: "format",
+                        value: other.to_string(),
+                        expected: "use raw or qcow2",
+                    })
+                }
+            },
         })
     }
 
@@ -356,7 +383,7 @@ mod tests {
         assert!(!d.readonly && !d.direct);
         assert_eq!((d.num_queues, d.queue_size), (1, 256));
         let d = DiskConfig::parse(
-            "path=/b.qcow2,readonly=on,direct=true,num_queues=4,queue_size=128,serial=SER-1,id=disk9,bootindex=0",
+            "path=/b.qcow2,readonly=on,direct=true,num_queues=4,queue_size=128,serial=SER-1,id=disk9,bootindex=0,format=qcow2",
         )
         .unwrap();
         assert!(d.readonly && d.direct);
@@ -364,6 +391,11 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("SER-1"));
         assert_eq!(d.id.as_deref(), Some("disk9"));
         assert_eq!(d.bootindex, Some(0));
+        assert_eq!(d.format, Some(DiskImageFormat::Qcow2));
+        assert_eq!(
+            err(DiskConfig::parse("path=/a,format=vmdk")),
+            "--disk format=vmdk: use raw or qcow2"
+        );
     }
 
     #[test]

@@ -730,7 +730,7 @@ impl VmConfig {
 }
 
 mod devices;
-pub use devices::{DiskConfig, NetConfig, RngConfig, VsockConfig};
+pub use devices::{DiskConfig, DiskImageFormat, NetConfig, RngConfig, VsockConfig};
 
 #[cfg(test)]
 mod tests;
