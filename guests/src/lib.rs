@@ -9,6 +9,13 @@
 //!   `acpi: ...`, `mptable: ...`, `rtc: ...`, `smp: ...`), then perform the command line's `action=`
 //!   (`poweroff`, `reset-acpi`, `reset-i8042`, `triple-fault`, `emulation-failure`, `debug-exit=<n>`, `halt`,
 //!   `echo`). `guests/asm/report.inc` and `guests/asm/actions.inc` define the exact grammar.
+//! - The report guests also drive PCI devices: the device actions `pci-scan`, `virtio-blk`, `virtio-rng`,
+//!   `virtio-console`, `virtio-net` and `virtio-bad=<kind>` (malformed virtio-blk requests) enumerate bus 0 and
+//!   run modern virtio-pci devices with split virtqueues and MSI-X. They compose: `action=pci-scan,virtio-blk,
+//!   debug-exit=0` runs them in order and ends with the last item (power off after a device action). Their lines
+//!   (`pci: ...`, `virtio: ...`, `blk: ...`, `bad: ...`, `rng: ...`, `console: ...`, `net: ...`) are defined at
+//!   the top of `guests/asm/pci.inc`, `virtio.inc` and `virtio_*.inc`; `tests/qemu_virtio.rs` runs them against
+//!   QEMU's devices.
 
 use std::path::PathBuf;
 
