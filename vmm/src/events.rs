@@ -69,6 +69,12 @@ impl VmEvents {
             .clone()
     }
 
+    /// Takes the recorded reason, clearing it (for the next boot).
+    pub fn take_reason(&self) -> Option<StopReason> {
+        let _ = self.evt.read();
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// The eventfd to poll.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt

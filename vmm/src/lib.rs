@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod cpu;
 pub mod device_manager;
 pub mod events;
@@ -18,11 +19,7 @@ pub mod pci_segment;
 pub mod virtio;
 pub mod vm;
 
-use hypervisor::{Hypervisor, KvmHypervisor};
-
-use crate::console::Console;
-use crate::events::StopReason;
-use crate::vm::{RunEnd, Vm};
+use crate::control::Vmm;
 
 /// How a VM run ended without a VMM failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +67,11 @@ pub enum Error {
     #[error(transparent)]
     Start(#[from] cpu::CpuError),
     /// The control loop failed.
-    #[error(transparent)]
-    Run(#[from] vm::RunError),
+    #[error("the control loop failed: {0}")]
+    ControlLoop(#[source] std::io::Error),
+    /// An operation needs a VM configuration first.
+    #[error("no VM is configured; create one first")]
+    NotCreated,
     /// The guest triple-faulted.
     #[error(
         "the guest triple-faulted on vCPU {vcpu} (a fatal CPU exception; see the registers above)"
@@ -103,7 +103,8 @@ impl Error {
             | Error::Build(_) => EXIT_SETUP,
             Error::TripleFault { .. } => EXIT_TRIPLE_FAULT,
             Error::GuestCrash { .. } => EXIT_GUEST_CRASH,
-            Error::Start(_) | Error::Run(_) | Error::Vcpu(_) => EXIT_RUNTIME,
+            Error::NotCreated => EXIT_SETUP,
+            Error::Start(_) | Error::ControlLoop(_) | Error::Vcpu(_) => EXIT_RUNTIME,
         }
     }
 }
@@ -111,52 +112,8 @@ impl Error {
 /// Builds the VM described by `config`, runs it, and returns how it ended. A guest reset rebuilds the VM in place
 /// (keeping the console and the CMOS NVRAM) unless `no_reboot` is set.
 pub fn run(config: config::VmConfig) -> Result<Outcome, Error> {
-    let hv = KvmHypervisor::new()?;
-    let limit = hv.max_vcpus();
-    if config.cpus.max_vcpus > limit {
-        return Err(Error::TooManyVcpus {
-            requested: config.cpus.max_vcpus,
-            limit,
-        });
-    }
-    let mut console = Console::new(&config.serial)?;
-    vm::install_stop_signals();
-
-    let mut cmos_state = None;
-    loop {
-        let mut vm = Vm::build(&hv, &config, &console, cmos_state.take())?;
-        vm.start()?;
-        let end = vm.run(&mut console)?;
-        let (pio, mmio) = vm.unclaimed_accesses();
-        if pio + mmio > 0 {
-            tracing::debug!("unclaimed accesses: {pio} port, {mmio} MMIO");
-        }
-        let reason = match end {
-            RunEnd::Signal(sig) => return Ok(Outcome::Signalled(sig)),
-            RunEnd::ConsoleQuit => return Ok(Outcome::Signalled(0)),
-            RunEnd::Stopped(reason) => reason,
-        };
-        match reason {
-            StopReason::PowerOff => return Ok(Outcome::PoweredOff),
-            StopReason::DebugExit(code) => return Ok(Outcome::DebugExit(code)),
-            StopReason::Reset if config.no_reboot => return Ok(Outcome::ResetWithNoReboot),
-            StopReason::Reset => {
-                tracing::info!("guest reset: rebooting");
-                cmos_state = Some(vm.cmos_state());
-            }
-            StopReason::TripleFault { vcpu, registers } => {
-                eprintln!("{registers}");
-                return Err(Error::TripleFault { vcpu });
-            }
-            StopReason::GuestCrash {
-                vcpu,
-                reason,
-                registers,
-            } => {
-                eprintln!("{registers}");
-                return Err(Error::GuestCrash { vcpu, reason });
-            }
-            StopReason::VcpuError(message) => return Err(Error::Vcpu(message)),
-        }
-    }
+    let mut vmm = Vmm::new()?;
+    vmm.create(config)?;
+    vmm.boot()?;
+    vmm.run_loop(|_| control::Next::Continue)
 }

@@ -1,19 +1,16 @@
 //! One boot of a VM: the builder recipe that assembles it, and the control loop that runs it until it stops.
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use arch::BootSetup;
-use epoll::{ControlOptions, Event, Events};
 use hypervisor::{Hypervisor, Vcpu};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{DiskImageFormat, TripleFaultAction, VmConfig};
-use crate::console::{Console, ConsoleInput};
-use crate::cpu::{self, BootEntry, CpuError, VcpuContext, VcpuHandle};
+use crate::console::Console;
+use crate::cpu::{self, BootEntry, CpuError, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup, IOAPIC_PINS};
-use crate::events::{StopReason, VmEvents};
+use crate::events::VmEvents;
 use crate::io::IoDispatch;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::payload::{self, PayloadError};
@@ -38,9 +35,6 @@ pub enum BuildError {
     /// Devices.
     #[error(transparent)]
     Devices(#[from] DeviceError),
-    /// The event channel.
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
     /// MP or ACPI tables, or the zero page.
     #[error("cannot write the boot tables: {0}")]
     BootTables(String),
@@ -55,31 +49,11 @@ pub enum BuildError {
     Rng(String),
 }
 
-/// How a boot ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RunEnd {
-    /// The guest or a vCPU stopped the VM.
-    Stopped(StopReason),
-    /// SIGINT/SIGTERM arrived.
-    Signal(i32),
-    /// The operator typed the console's quit sequence.
-    ConsoleQuit,
-}
-
-/// Failures of the control loop itself.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// epoll failed.
-    #[error("the control loop failed: {0}")]
-    Epoll(#[source] std::io::Error),
-}
-
 /// A built VM. Fields drop in order: vCPU threads are joined before devices, the KVM VM and guest memory go away.
 pub struct Vm {
     vcpu_threads: Vec<VcpuHandle>,
     pending_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
     devices: DeviceManager,
-    events: Arc<VmEvents>,
     context: Arc<VcpuContext>,
     _vm: Arc<dyn hypervisor::Vm>,
     _memory: MemoryManager,
@@ -94,6 +68,7 @@ impl Vm {
         config: &VmConfig,
         console: &Console,
         cmos_state: Option<devices::cmos::CmosState>,
+        events: Arc<VmEvents>,
     ) -> Result<Vm, BuildError> {
         // 1. The VM, with KVM's local APICs and a user-space IOAPIC (split irqchip).
         let vm = hv.create_vm().map_err(BuildError::CreateVm)?;
@@ -110,7 +85,6 @@ impl Vm {
         let loaded = payload::load(mem, &config.payload, guests::DEMO)?;
 
         // 4. Devices.
-        let events = Arc::new(VmEvents::new().map_err(BuildError::EventFd)?);
         let ram = memory.ram_size();
         let below_4g = ram.min(arch::layout::MEM_32BIT_GAP_START);
         let devices = DeviceManager::new(
@@ -221,7 +195,6 @@ impl Vm {
             vcpu_threads: Vec::new(),
             pending_vcpus,
             devices,
-            events,
             context,
             _vm: vm,
             _memory: memory,
@@ -258,81 +231,47 @@ impl Vm {
         }
     }
 
-    /// The control loop: waits for a stop reason, a signal, or console input, until the VM stops.
-    pub fn run(&mut self, console: &mut Console) -> Result<RunEnd, RunError> {
-        let epoll = Epoll::new().map_err(RunError::Epoll)?;
-        const TOKEN_EVENTS: u64 = u64::MAX;
-        const TOKEN_SIGNAL: u64 = u64::MAX - 1;
-        epoll
-            .add(self.events.eventfd().as_raw_fd(), TOKEN_EVENTS)
-            .map_err(RunError::Epoll)?;
-        epoll
-            .add(signal_eventfd().as_raw_fd(), TOKEN_SIGNAL)
-            .map_err(RunError::Epoll)?;
-        if self.devices.serial().is_some() {
-            for fd in console.input_fds() {
-                // stdin may be something epoll can't watch (a regular file, /dev/null): then it gives no input.
-                let _ = epoll.add(fd, fd as u64);
-            }
+    /// Pauses every vCPU (they stop entering the guest).
+    pub fn pause(&self) {
+        for handle in &self.vcpu_threads {
+            let _ = handle.send(VcpuEvent::Pause);
         }
-        let mut client: Option<RawFd> = None;
-
-        let end = loop {
-            if let Some(reason) = self.events.reason() {
-                break RunEnd::Stopped(reason);
-            }
-            let mut ready = [Event::new(Events::empty(), 0); 8];
-            let n = match epoll.wait(&mut ready) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(RunError::Epoll(e)),
-            };
-            let mut finished = None;
-            for event in &ready[..n] {
-                let token = event.data;
-                match token {
-                    TOKEN_EVENTS => {
-                        let _ = self.events.eventfd().read();
-                    }
-                    TOKEN_SIGNAL => {
-                        let _ = signal_eventfd().read();
-                        finished = Some(RunEnd::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
-                    }
-                    fd => {
-                        let fd = fd as RawFd;
-                        match console.handle_readable(fd) {
-                            ConsoleInput::Bytes(bytes) => self.feed_serial(&bytes),
-                            ConsoleInput::Quit => finished = Some(RunEnd::ConsoleQuit),
-                            ConsoleInput::Closed => {
-                                let _ = epoll.delete(fd);
-                                if client == Some(fd) {
-                                    client = None;
-                                }
-                            }
-                            ConsoleInput::Nothing => {}
-                        }
-                        let now = console.client_fd();
-                        if now != client {
-                            if let Some(old) = client {
-                                let _ = epoll.delete(old);
-                            }
-                            if let Some(new) = now {
-                                let _ = epoll.add(new, new as u64);
-                            }
-                            client = now;
-                        }
-                    }
-                }
-            }
-            if let Some(end) = finished {
-                break end;
-            }
-        };
-        self.shutdown();
-        Ok(end)
     }
 
-    fn feed_serial(&self, bytes: &[u8]) {
+    /// Resumes every vCPU.
+    pub fn resume(&self) {
+        for handle in &self.vcpu_threads {
+            let _ = handle.send(VcpuEvent::Resume);
+        }
+    }
+
+    /// Number of vCPUs running.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpu_threads.len() + self.pending_vcpus.len()
+    }
+
+    /// Guest RAM in bytes.
+    pub fn ram_size(&self) -> u64 {
+        self._memory.ram_size()
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// The devices, mutable (hotplug).
+    pub fn devices_mut(&mut self) -> &mut DeviceManager {
+        &mut self.devices
+    }
+
+    /// Whether the VM has a serial port whose input the console should feed.
+    pub fn has_serial(&self) -> bool {
+        self.devices.serial().is_some()
+    }
+
+    /// Queues console input for the serial port.
+    pub fn feed_serial(&self, bytes: &[u8]) {
         if let Some(serial) = self.devices.serial() {
             let mut serial = serial.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = serial.enqueue_input(bytes) {
@@ -359,87 +298,4 @@ fn detect_disk_format(path: &std::path::Path) -> std::io::Result<virtio_devices:
     } else {
         virtio_devices::DiskFormat::Raw
     })
-}
-
-/// A small owner of an epoll descriptor.
-struct Epoll(RawFd);
-
-impl Epoll {
-    fn new() -> std::io::Result<Self> {
-        epoll::create(true).map(Epoll)
-    }
-
-    fn add(&self, fd: RawFd, token: u64) -> std::io::Result<()> {
-        epoll::ctl(
-            self.0,
-            ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            Event::new(Events::EPOLLIN, token),
-        )
-    }
-
-    fn delete(&self, fd: RawFd) -> std::io::Result<()> {
-        epoll::ctl(
-            self.0,
-            ControlOptions::EPOLL_CTL_DEL,
-            fd,
-            Event::new(Events::empty(), 0),
-        )
-    }
-
-    fn wait(&self, events: &mut [Event]) -> std::io::Result<usize> {
-        epoll::wait(self.0, -1, events)
-    }
-}
-
-impl Drop for Epoll {
-    fn drop(&mut self) {
-        let _ = epoll::close(self.0);
-    }
-}
-
-/// The last SIGINT/SIGTERM received.
-static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
-/// The eventfd the signal handler writes to.
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
-
-fn signal_eventfd() -> &'static EventFd {
-    static EVT: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
-    EVT.get_or_init(|| match EventFd::new(EFD_NONBLOCK) {
-        Ok(evt) => evt,
-        // Without an eventfd the VMM cannot be stopped by signals; there is no sensible way on.
-        Err(e) => {
-            eprintln!("atrium: cannot create an eventfd: {e}");
-            std::process::exit(5)
-        }
-    })
-}
-
-extern "C" fn stop_signal_handler(
-    signum: libc::c_int,
-    _: *mut libc::siginfo_t,
-    _: *mut libc::c_void,
-) {
-    LAST_SIGNAL.store(signum, Ordering::SeqCst);
-    let fd = SIGNAL_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write() is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is the signal eventfd, which
-        // lives for the whole process.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
-
-/// Routes SIGINT and SIGTERM into the control loop (once per process).
-pub fn install_stop_signals() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        SIGNAL_FD.store(signal_eventfd().as_raw_fd(), Ordering::SeqCst);
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, stop_signal_handler)
-            {
-                tracing::error!("cannot handle signal {sig}: {e}");
-            }
-        }
-    });
 }
