@@ -115,7 +115,7 @@ pub struct VcpuHandle {
     id: u32,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Box<dyn Vcpu>>>,
 }
 
 impl VcpuHandle {
@@ -143,18 +143,22 @@ impl VcpuHandle {
         }
     }
 
-    /// Asks the thread to finish and joins it.
-    pub fn finish(mut self) {
-        self.finish_inner();
+    /// Asks the thread to finish, joins it, and gives back the vCPU (KVM cannot destroy a vCPU, so a hot-removed
+    /// one is parked for reuse).
+    pub fn finish(mut self) -> Option<Box<dyn Vcpu>> {
+        self.finish_inner()
     }
 
-    fn finish_inner(&mut self) {
+    fn finish_inner(&mut self) -> Option<Box<dyn Vcpu>> {
         if self.thread.is_some() {
             let _ = self.send(VcpuEvent::Finish);
         }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
+        let thread = self.thread.take()?;
+        match thread.join() {
+            Ok(vcpu) => Some(vcpu),
+            Err(_) => {
                 tracing::error!("vCPU {} thread panicked", self.id);
+                None
             }
         }
     }
@@ -162,7 +166,7 @@ impl VcpuHandle {
 
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
-        self.finish_inner();
+        let _ = self.finish_inner();
     }
 }
 
@@ -246,7 +250,7 @@ struct VcpuThread {
 
 impl VcpuThread {
     /// The state machine: `Running` enters the guest; `Paused` and `Stopped` wait for events.
-    fn run(mut self) {
+    fn run(mut self) -> Box<dyn Vcpu> {
         #[derive(PartialEq)]
         enum State {
             Running,
@@ -261,7 +265,7 @@ impl VcpuThread {
             } else {
                 match self.events.recv() {
                     Ok(e) => Some(e),
-                    Err(_) => return,
+                    Err(_) => return self.vcpu,
                 }
             };
             if let Some(event) = event {
@@ -280,7 +284,7 @@ impl VcpuThread {
                     }
                     VcpuEvent::Finish => {
                         let _ = self.responses.send(VcpuResponse::Finished);
-                        return;
+                        return self.vcpu;
                     }
                 };
                 let _ = self.responses.send(response);

@@ -256,6 +256,11 @@ impl DeviceManager {
         Ok(true)
     }
 
+    /// The virtio devices: (name, PCI slot).
+    pub fn virtio_devices(&self) -> impl Iterator<Item = (&str, u8)> {
+        self.virtio.iter().map(|(name, h)| (name.as_str(), h.slot))
+    }
+
     /// The PCI slots in use.
     pub fn pci_slots(&self) -> Vec<u8> {
         self.pci.occupied_slots()

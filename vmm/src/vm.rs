@@ -53,6 +53,9 @@ pub enum BuildError {
 pub struct Vm {
     vcpu_threads: Vec<VcpuHandle>,
     pending_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
+    parked_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
+    base_cpuid: Vec<hypervisor::x86_64::CpuIdEntry>,
+    max_vcpus: u32,
     devices: DeviceManager,
     context: Arc<VcpuContext>,
     _vm: Arc<dyn hypervisor::Vm>,
@@ -194,6 +197,9 @@ impl Vm {
         Ok(Vm {
             vcpu_threads: Vec::new(),
             pending_vcpus,
+            parked_vcpus: Vec::new(),
+            base_cpuid,
+            max_vcpus: max_cpus,
             devices,
             context,
             _vm: vm,
@@ -227,8 +233,44 @@ impl Vm {
     /// Stops and joins every vCPU thread.
     pub fn shutdown(&mut self) {
         for handle in self.vcpu_threads.drain(..) {
-            handle.finish();
+            let _ = handle.finish();
         }
+    }
+
+    /// Creates (or reuses a parked) vCPU `id` at run time and starts its thread; it waits for the guest's INIT/SIPI.
+    pub fn hotplug_vcpu(&mut self, id: u32) -> Result<(), CpuError> {
+        if self.vcpu_threads.iter().any(|h| h.id() == id) {
+            return Ok(());
+        }
+        let vcpu = match self.parked_vcpus.iter().position(|(pid, _)| *pid == id) {
+            Some(pos) => self.parked_vcpus.remove(pos).1,
+            None => cpu::create_vcpu(
+                &self._vm,
+                id,
+                self.max_vcpus,
+                &self.base_cpuid,
+                self._memory.guest_memory(),
+                None,
+            )?,
+        };
+        self.vcpu_threads
+            .push(cpu::spawn_vcpu(id, vcpu, self.context.clone())?);
+        Ok(())
+    }
+
+    /// Stops vCPU `id`'s thread and parks the vCPU (after the guest ejected it).
+    pub fn unplug_vcpu(&mut self, id: u32) {
+        if let Some(pos) = self.vcpu_threads.iter().position(|h| h.id() == id) {
+            let handle = self.vcpu_threads.remove(pos);
+            if let Some(vcpu) = handle.finish() {
+                self.parked_vcpus.push((id, vcpu));
+            }
+        }
+    }
+
+    /// The ids of the vCPUs with running threads.
+    pub fn vcpu_ids(&self) -> Vec<u32> {
+        self.vcpu_threads.iter().map(|h| h.id()).collect()
     }
 
     /// Pauses every vCPU (they stop entering the guest).
