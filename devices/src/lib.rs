@@ -12,10 +12,15 @@
 pub mod acpi;
 pub mod bus;
 pub mod cmos;
+pub mod cpu_hotplug;
 pub mod debug_exit;
+pub mod ged;
+pub mod hotplug;
 pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;
+pub mod memory_hotplug;
+pub mod pci_hotplug;
 pub mod platform;
 pub mod port80;
 pub mod serial;
@@ -23,5 +28,9 @@ pub mod serial;
 mod host_time;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use cpu_hotplug::CpuHotplugController;
+pub use ged::{Ged, GedEvent};
 pub use interrupt::{InterruptLine, MsiMessage, MsiSender};
+pub use memory_hotplug::MemoryHotplugController;
+pub use pci_hotplug::PciHotplugController;
 pub use platform::PlatformEvents;
