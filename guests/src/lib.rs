@@ -16,6 +16,12 @@
 //!   (`pci: ...`, `virtio: ...`, `blk: ...`, `bad: ...`, `rng: ...`, `console: ...`, `net: ...`) are defined at
 //!   the top of `guests/asm/pci.inc`, `virtio.inc` and `virtio_*.inc`; `tests/qemu_virtio.rs` runs them against
 //!   QEMU's devices.
+//! - `hotplug` routes the GED's IOAPIC pin, prints `hotplug: ready` and then handles GED interrupts by speaking
+//!   the CPU, PCI and memory hotplug controllers' registers directly (the guests run no AML): `ged: ...`,
+//!   `cpuhp: ...`, `pcihp: ...` (with the usual `virtio:` / `blk:` lines for a hot-added virtio-blk device),
+//!   `memhp: ...`, and ACPI power-off for the power button; `hotplug-max=<n>` ends it after n interrupts. `tick`
+//!   (or `tick=<ms>`) prints `tick: <n>` every 50 ms (or <ms>) until the VM stops, to show whether guest time
+//!   runs. The grammars are at the top of `guests/asm/hotplug*.inc` and `tick.inc`.
 
 use std::path::PathBuf;
 
