@@ -80,6 +80,9 @@ struct Cli {
     /// A virtio entropy device (bytes from getrandom, or from src=PATH)
     #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
+    /// Serve the REST API on this Unix socket; without --kernel, wait for vm.create and vm.boot
+    #[arg(long, value_name = "path=PATH")]
+    api_socket: Option<String>,
     /// Log more (repeat for more detail)
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -156,6 +159,12 @@ fn run() -> i32 {
             return code;
         }
     };
+    let api_socket = cli
+        .api_socket
+        .clone()
+        .map(|s| PathBuf::from(s.strip_prefix("path=").unwrap_or(&s)));
+    // With an API socket and no kernel, the VM comes later through the API.
+    let wants_vm = api_socket.is_none() || cli.kernel.is_some();
     let config = match cli.into_config().and_then(|c| c.validate().map(|()| c)) {
         Ok(config) => config,
         Err(e) => {
@@ -163,7 +172,11 @@ fn run() -> i32 {
             return vmm::EXIT_SETUP;
         }
     };
-    match vmm::run(config) {
+    let result = match &api_socket {
+        Some(socket) => vmm::run_with_api(wants_vm.then_some(config), socket),
+        None => vmm::run(config),
+    };
+    match result {
         Ok(Outcome::PoweredOff | Outcome::ResetWithNoReboot | Outcome::Signalled(_)) => 0,
         Ok(Outcome::DebugExit(code)) => i32::from(code),
         Err(e) => {

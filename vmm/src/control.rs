@@ -19,6 +19,7 @@ use crate::{Error, Outcome};
 const TOKEN_VM_EVENTS: u64 = u64::MAX;
 const TOKEN_SIGNAL: u64 = u64::MAX - 1;
 const TOKEN_API: u64 = u64::MAX - 2;
+const TOKEN_EJECT: u64 = u64::MAX - 3;
 
 /// Where the VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +62,8 @@ pub struct Vmm {
     pub(crate) state: VmState,
     pub(crate) console: Option<Console>,
     pub(crate) events: Arc<VmEvents>,
+    /// Signalled when the guest ejects a hot-removed CPU or device.
+    eject_event: EventFd,
     cmos_state: Option<devices::cmos::CmosState>,
     epoll: Epoll,
     /// Console fds registered with epoll.
@@ -77,6 +80,10 @@ impl Vmm {
         epoll
             .add(events.eventfd().as_raw_fd(), TOKEN_VM_EVENTS)
             .map_err(Error::ControlLoop)?;
+        let eject_event = EventFd::new(EFD_NONBLOCK).map_err(Error::ControlLoop)?;
+        epoll
+            .add(eject_event.as_raw_fd(), TOKEN_EJECT)
+            .map_err(Error::ControlLoop)?;
         install_stop_signals();
         epoll
             .add(signal_eventfd().as_raw_fd(), TOKEN_SIGNAL)
@@ -88,6 +95,7 @@ impl Vmm {
             state: VmState::NotCreated,
             console: None,
             events,
+            eject_event,
             cmos_state: None,
             epoll,
             console_fds: Vec::new(),
@@ -133,6 +141,7 @@ impl Vmm {
             console,
             self.cmos_state.take(),
             self.events.clone(),
+            &self.eject_event,
         )?;
         vm.start()?;
         self.vm = Some(vm);
@@ -208,6 +217,7 @@ impl Vmm {
                         Next::Exit(Ok(Outcome::Signalled(LAST_SIGNAL.load(Ordering::SeqCst))))
                     }
                     TOKEN_API => api(self),
+                    TOKEN_EJECT => self.handle_ejects(),
                     fd => self.handle_console(fd as RawFd),
                 };
                 if let Next::Exit(result) = next {
@@ -251,6 +261,21 @@ impl Vmm {
             StopReason::VcpuError(message) => Err(Error::Vcpu(message)),
         };
         Next::Exit(exit)
+    }
+
+    /// The guest released hot-removed CPUs or devices: take them away.
+    fn handle_ejects(&mut self) -> Next {
+        let _ = self.eject_event.read();
+        if let Some(vm) = self.vm.as_mut() {
+            for id in vm.devices().take_ejected_cpus() {
+                vm.unplug_vcpu(id);
+                tracing::info!("vCPU {id} removed");
+            }
+            for name in vm.devices_mut().collect_ejected_devices() {
+                tracing::info!("device {name} removed");
+            }
+        }
+        Next::Continue
     }
 
     fn handle_console(&mut self, fd: RawFd) -> Next {

@@ -7,13 +7,20 @@ use std::sync::{Arc, Mutex};
 
 use devices::acpi::AcpiPmDevice;
 use devices::cmos::Cmos;
+use devices::cpu_hotplug::{CPU_HOTPLUG_MMIO_BASE, CPU_HOTPLUG_MMIO_LEN};
 use devices::debug_exit::DebugExit;
+use devices::ged::{GED_IRQ, GED_MMIO_BASE, GED_MMIO_LEN};
 use devices::i8042::I8042;
 use devices::ioapic::Ioapic;
+use devices::pci_hotplug::{PCI_HOTPLUG_MMIO_BASE, PCI_HOTPLUG_MMIO_LEN};
 use devices::port80::Port80;
 use devices::serial::Serial;
-use devices::{Bus, BusDevice, MsiSender, PlatformEvents};
+use devices::{
+    Bus, BusDevice, CpuHotplugController, Ged, GedEvent, MsiSender, PciHotplugController,
+    PlatformEvents,
+};
 use hypervisor::Vm;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::ConsoleWriter;
 use crate::interrupts::MsiRouter;
@@ -52,6 +59,9 @@ pub enum DeviceError {
     /// The PCI segment.
     #[error(transparent)]
     Pci(#[from] PciSegmentError),
+    /// A hotplug controller.
+    #[error("hotplug: {0}")]
+    Hotplug(String),
     /// A virtio device.
     #[error("{name}: {source}")]
     Virtio {
@@ -61,6 +71,10 @@ pub enum DeviceError {
         #[source]
         source: VirtioError,
     },
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The IOAPIC's outputs: MSIs sent through the hypervisor, and its pins' messages mirrored into the routing table.
@@ -101,6 +115,10 @@ pub struct DeviceSetup {
     pub cmos_state: Option<devices::cmos::CmosState>,
     /// Whether the debug-exit port exists.
     pub debug_exit: bool,
+    /// vCPUs at boot and at most (for the CPU hotplug controller).
+    pub cpus: (u32, u32),
+    /// Signalled when the guest ejects a CPU or a PCI device.
+    pub eject_event: EventFd,
 }
 
 /// The VM's devices and buses.
@@ -112,6 +130,9 @@ pub struct DeviceManager {
     cmos: Arc<Mutex<Cmos>>,
     pci: PciSegment,
     msi_router: Arc<MsiRouter>,
+    ged: Arc<Mutex<Ged>>,
+    cpu_hotplug: Arc<Mutex<CpuHotplugController>>,
+    pci_hotplug: Arc<Mutex<PciHotplugController>>,
     virtio: Vec<(String, VirtioPciHandle)>,
     vm: Arc<dyn Vm>,
     /// Devices kept alive here; the buses hold weak references.
@@ -187,6 +208,37 @@ impl DeviceManager {
             others.push(dev);
         }
 
+        // ACPI hotplug: the GED (its interrupt on IOAPIC pin 5) and the CPU and PCI hotplug controllers.
+        let ged = Arc::new(Mutex::new(Ged::new(Ioapic::pin(&ioapic, GED_IRQ as usize))));
+        place(&mmio_bus, ged.clone(), GED_MMIO_BASE, GED_MMIO_LEN, "GED")?;
+        let mut cpu_hp = CpuHotplugController::new(setup.cpus.1, setup.cpus.0)
+            .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+        let mut pci_hp = PciHotplugController::new();
+        let notifier = || {
+            setup
+                .eject_event
+                .try_clone()
+                .map_err(|e| DeviceError::Hotplug(e.to_string()))
+        };
+        cpu_hp.set_eject_notifier(Some(notifier()?));
+        pci_hp.set_eject_notifier(Some(notifier()?));
+        let cpu_hotplug = Arc::new(Mutex::new(cpu_hp));
+        place(
+            &mmio_bus,
+            cpu_hotplug.clone(),
+            CPU_HOTPLUG_MMIO_BASE,
+            CPU_HOTPLUG_MMIO_LEN,
+            "CPU hotplug controller",
+        )?;
+        let pci_hotplug = Arc::new(Mutex::new(pci_hp));
+        place(
+            &mmio_bus,
+            pci_hotplug.clone(),
+            PCI_HOTPLUG_MMIO_BASE,
+            PCI_HOTPLUG_MMIO_LEN,
+            "PCI hotplug controller",
+        )?;
+
         // PCI segment 0: host bridge, configuration mechanism #1 and ECAM; devices come later.
         let pci = PciSegment::new(&io_bus, &mmio_bus, setup.mem_below_4g + setup.mem_above_4g)?;
 
@@ -198,6 +250,9 @@ impl DeviceManager {
             cmos,
             pci,
             msi_router,
+            ged,
+            cpu_hotplug,
+            pci_hotplug,
             virtio: Vec::new(),
             vm: vm.clone(),
             others,
@@ -243,7 +298,93 @@ impl DeviceManager {
             })?;
         let slot = handle.slot;
         self.virtio.push((name, handle));
+        if let Err(e) = lock(&self.pci_hotplug).set_present(slot, true) {
+            tracing::warn!("PCI hotplug controller: {e}");
+        }
         Ok(slot)
+    }
+
+    /// Hot-adds a virtio device: puts it on the bus and tells the guest through the PCI hotplug controller and GED.
+    pub fn hotplug_virtio(
+        &mut self,
+        name: String,
+        mem: &virtio_devices::GuestMemory,
+        device: Box<dyn virtio_devices::VirtioDevice>,
+    ) -> Result<u8, DeviceError> {
+        if self.virtio.iter().any(|(n, _)| *n == name) {
+            return Err(DeviceError::Hotplug(format!(
+                "a device called '{name}' exists already; choose another id="
+            )));
+        }
+        let slot = self.add_virtio(name, mem, device)?;
+        lock(&self.pci_hotplug)
+            .slot_added(slot)
+            .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+        self.notify(GedEvent::PciHotplug);
+        Ok(slot)
+    }
+
+    /// Asks the guest to release the virtio device called `name`. Returns false if there is none.
+    pub fn request_unplug(&mut self, name: &str) -> Result<bool, DeviceError> {
+        let Some((_, handle)) = self.virtio.iter().find(|(n, _)| n == name) else {
+            return Ok(false);
+        };
+        lock(&self.pci_hotplug)
+            .request_eject(handle.slot)
+            .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+        self.notify(GedEvent::PciHotplug);
+        Ok(true)
+    }
+
+    /// Removes the PCI devices the guest has ejected; returns their names.
+    pub fn collect_ejected_devices(&mut self) -> Vec<String> {
+        let slots = lock(&self.pci_hotplug).take_ejected();
+        let mut removed = Vec::new();
+        for slot in slots {
+            let Some(pos) = self.virtio.iter().position(|(_, h)| h.slot == slot) else {
+                continue;
+            };
+            let (name, handle) = self.virtio.remove(pos);
+            if let Err(e) = handle.remove(&self.pci) {
+                tracing::warn!("removing {name}: {e}");
+            }
+            removed.push(name);
+        }
+        removed
+    }
+
+    /// Tells the guest CPU `id` was added.
+    pub fn cpu_added(&self, id: u32) -> Result<(), DeviceError> {
+        lock(&self.cpu_hotplug)
+            .insert(id)
+            .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+        self.notify(GedEvent::CpuHotplug);
+        Ok(())
+    }
+
+    /// Asks the guest to release CPU `id`.
+    pub fn cpu_removal_requested(&self, id: u32) -> Result<(), DeviceError> {
+        lock(&self.cpu_hotplug)
+            .request_removal(id)
+            .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+        self.notify(GedEvent::CpuHotplug);
+        Ok(())
+    }
+
+    /// CPUs the guest has ejected.
+    pub fn take_ejected_cpus(&self) -> Vec<u32> {
+        lock(&self.cpu_hotplug).take_ejected()
+    }
+
+    /// Presses the ACPI power button.
+    pub fn power_button(&self) {
+        self.notify(GedEvent::PowerButton);
+    }
+
+    fn notify(&self, event: GedEvent) {
+        if let Err(e) = lock(&self.ged).notify(event) {
+            tracing::warn!("GED: {e}");
+        }
     }
 
     /// Removes the virtio device called `name`.
@@ -268,6 +409,6 @@ impl DeviceManager {
 
     /// How many platform devices are attached.
     pub fn device_count(&self) -> usize {
-        self.others.len() + 2 + usize::from(self.serial.is_some())
+        self.others.len() + 5 + usize::from(self.serial.is_some())
     }
 }

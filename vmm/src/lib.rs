@@ -5,6 +5,8 @@
 //! command line, initramfs), [`device_manager`] (platform devices on the buses), [`cpu`] (vCPU threads and the exit
 //! dispatch), [`console`] (the serial console's host side), [`vm`] (the builder recipe and the control loop).
 
+pub mod api;
+mod api_handler;
 pub mod config;
 pub mod console;
 pub mod control;
@@ -69,6 +71,9 @@ pub enum Error {
     /// The control loop failed.
     #[error("the control loop failed: {0}")]
     ControlLoop(#[source] std::io::Error),
+    /// The API server.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     /// An operation needs a VM configuration first.
     #[error("no VM is configured; create one first")]
     NotCreated,
@@ -103,7 +108,7 @@ impl Error {
             | Error::Build(_) => EXIT_SETUP,
             Error::TripleFault { .. } => EXIT_TRIPLE_FAULT,
             Error::GuestCrash { .. } => EXIT_GUEST_CRASH,
-            Error::NotCreated => EXIT_SETUP,
+            Error::NotCreated | Error::Api(_) => EXIT_SETUP,
             Error::Start(_) | Error::ControlLoop(_) | Error::Vcpu(_) => EXIT_RUNTIME,
         }
     }
@@ -116,4 +121,35 @@ pub fn run(config: config::VmConfig) -> Result<Outcome, Error> {
     vmm.create(config)?;
     vmm.boot()?;
     vmm.run_loop(|_| control::Next::Continue)
+}
+
+/// Runs the VMM with a REST API on `socket`: boots `config` right away if given, otherwise waits for `vm.create` and
+/// `vm.boot`. Returns when the guest powers off, a signal arrives, or `vmm.shutdown` is called.
+pub fn run_with_api(
+    config: Option<config::VmConfig>,
+    socket: &std::path::Path,
+) -> Result<Outcome, Error> {
+    let mut vmm = Vmm::new()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let notify = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+        .map_err(Error::ControlLoop)?;
+    let wake = notify.try_clone().map_err(Error::ControlLoop)?;
+    vmm.watch_api(std::os::fd::AsRawFd::as_raw_fd(&wake))?;
+    let server = api::start_api_server(
+        socket,
+        api::ApiSender {
+            requests: tx,
+            notify,
+        },
+    )?;
+    if let Some(config) = config {
+        vmm.create(config)?;
+        vmm.boot()?;
+    }
+    let result = vmm.run_loop(|vmm| {
+        let _ = wake.read();
+        api_handler::handle_api_requests(vmm, &rx)
+    });
+    server.shutdown();
+    result
 }

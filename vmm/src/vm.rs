@@ -54,6 +54,7 @@ pub struct Vm {
     vcpu_threads: Vec<VcpuHandle>,
     pending_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
     parked_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
+    guest_mem: virtio_devices::GuestMemory,
     base_cpuid: Vec<hypervisor::x86_64::CpuIdEntry>,
     max_vcpus: u32,
     devices: DeviceManager,
@@ -72,6 +73,7 @@ impl Vm {
         console: &Console,
         cmos_state: Option<devices::cmos::CmosState>,
         events: Arc<VmEvents>,
+        eject_event: &vmm_sys_util::eventfd::EventFd,
     ) -> Result<Vm, BuildError> {
         // 1. The VM, with KVM's local APICs and a user-space IOAPIC (split irqchip).
         let vm = hv.create_vm().map_err(BuildError::CreateVm)?;
@@ -99,6 +101,10 @@ impl Vm {
                 mem_above_4g: ram - below_4g,
                 cmos_state,
                 debug_exit: config.debug_exit,
+                cpus: (config.cpus.boot_vcpus, config.cpus.max_vcpus),
+                eject_event: eject_event
+                    .try_clone()
+                    .map_err(|e| BuildError::BootTables(e.to_string()))?,
             },
         )?;
 
@@ -107,23 +113,8 @@ impl Vm {
         let guest_mem = virtio_devices::GuestMemory::new(mem.clone());
         for (index, disk) in config.disks.iter().enumerate() {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
-            let disk_err =
-                |e: String| BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()));
-            let format = match disk.format {
-                Some(DiskImageFormat::Raw) => virtio_devices::DiskFormat::Raw,
-                Some(DiskImageFormat::Qcow2) => virtio_devices::DiskFormat::Qcow2,
-                None => detect_disk_format(&disk.path).map_err(|e| disk_err(e.to_string()))?,
-            };
-            let backend = virtio_devices::open_disk(&disk.path, format, disk.readonly)
-                .map_err(|e| disk_err(e.to_string()))?;
-            let options = virtio_devices::BlockOptions {
-                serial: disk.serial.clone().unwrap_or_default(),
-                num_queues: disk.num_queues,
-                queue_size: disk.queue_size,
-            };
-            let block = virtio_devices::Block::new(backend, &options)
-                .map_err(|e| disk_err(e.to_string()))?;
-            devices.add_virtio(name, &guest_mem, Box::new(block))?;
+            let block = create_block(disk)?;
+            devices.add_virtio(name, &guest_mem, block)?;
         }
         if let Some(rng) = &config.rng {
             let source = if rng.src.as_os_str() == "/dev/urandom" {
@@ -147,7 +138,7 @@ impl Vm {
             }
             Err(e) => return Err(BuildError::BootTables(e.to_string())),
         }
-        let rsdp = arch::acpi::create_acpi_tables(mem, boot_cpus, max_cpus, ram)
+        let rsdp = arch::acpi::create_acpi_tables(mem, boot_cpus, max_cpus, ram, 0)
             .map_err(|e| BuildError::BootTables(e.to_string()))?;
 
         // 7. Boot parameters (zero page or PVH start info).
@@ -198,6 +189,7 @@ impl Vm {
             vcpu_threads: Vec::new(),
             pending_vcpus,
             parked_vcpus: Vec::new(),
+            guest_mem,
             base_cpuid,
             max_vcpus: max_cpus,
             devices,
@@ -256,6 +248,27 @@ impl Vm {
         self.vcpu_threads
             .push(cpu::spawn_vcpu(id, vcpu, self.context.clone())?);
         Ok(())
+    }
+
+    /// Hot-adds a disk: the device goes on the PCI bus and the guest is told through ACPI. Returns its name and slot.
+    pub fn hotplug_disk(
+        &mut self,
+        disk: &crate::config::DiskConfig,
+    ) -> Result<(String, u8), BuildError> {
+        disk.validate()
+            .map_err(|e| BuildError::Disk(e.to_string()))?;
+        let name = match &disk.id {
+            Some(id) => id.clone(),
+            None => (0..)
+                .map(|i| format!("disk{i}"))
+                .find(|n| !self.devices.virtio_devices().any(|(d, _)| d == n))
+                .unwrap_or_default(),
+        };
+        let block = create_block(disk)?;
+        let slot = self
+            .devices
+            .hotplug_virtio(name.clone(), &self.guest_mem, block)?;
+        Ok((name, slot))
     }
 
     /// Stops vCPU `id`'s thread and parks the vCPU (after the guest ejected it).
@@ -327,6 +340,29 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// A virtio-blk device for `disk` (image opened and locked).
+fn create_block(
+    disk: &crate::config::DiskConfig,
+) -> Result<Box<dyn virtio_devices::VirtioDevice>, BuildError> {
+    let disk_err =
+        |e: String| BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()));
+    let format = match disk.format {
+        Some(DiskImageFormat::Raw) => virtio_devices::DiskFormat::Raw,
+        Some(DiskImageFormat::Qcow2) => virtio_devices::DiskFormat::Qcow2,
+        None => detect_disk_format(&disk.path).map_err(|e| disk_err(e.to_string()))?,
+    };
+    let backend = virtio_devices::open_disk(&disk.path, format, disk.readonly)
+        .map_err(|e| disk_err(e.to_string()))?;
+    let options = virtio_devices::BlockOptions {
+        serial: disk.serial.clone().unwrap_or_default(),
+        num_queues: disk.num_queues,
+        queue_size: disk.queue_size,
+    };
+    let block =
+        virtio_devices::Block::new(backend, &options).map_err(|e| disk_err(e.to_string()))?;
+    Ok(Box::new(block))
 }
 
 /// The format of a disk image given without `format=`: qcow2 if it starts with the qcow2 magic, raw otherwise.
