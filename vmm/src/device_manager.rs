@@ -284,8 +284,21 @@ impl DeviceManager {
         self.cmos.lock().unwrap_or_else(|p| p.into_inner()).state()
     }
 
-    /// Puts a virtio device on the PCI bus under `name`.
+    /// Puts a virtio device on the PCI bus under `name` (before boot: the guest finds it when it scans).
     pub fn add_virtio(
+        &mut self,
+        name: String,
+        mem: &virtio_devices::GuestMemory,
+        device: Box<dyn virtio_devices::VirtioDevice>,
+    ) -> Result<u8, DeviceError> {
+        let slot = self.attach_virtio(name, mem, device)?;
+        if let Err(e) = lock(&self.pci_hotplug).set_present(slot, true) {
+            tracing::warn!("PCI hotplug controller: {e}");
+        }
+        Ok(slot)
+    }
+
+    fn attach_virtio(
         &mut self,
         name: String,
         mem: &virtio_devices::GuestMemory,
@@ -298,9 +311,6 @@ impl DeviceManager {
             })?;
         let slot = handle.slot;
         self.virtio.push((name, handle));
-        if let Err(e) = lock(&self.pci_hotplug).set_present(slot, true) {
-            tracing::warn!("PCI hotplug controller: {e}");
-        }
         Ok(slot)
     }
 
@@ -316,10 +326,13 @@ impl DeviceManager {
                 "a device called '{name}' exists already; choose another id="
             )));
         }
-        let slot = self.add_virtio(name, mem, device)?;
-        lock(&self.pci_hotplug)
-            .slot_added(slot)
-            .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+        let slot = self.attach_virtio(name.clone(), mem, device)?;
+        let added = lock(&self.pci_hotplug).slot_added(slot);
+        if let Err(e) = added {
+            // Undo: the guest was never told about it.
+            let _ = self.remove_virtio(&name);
+            return Err(DeviceError::Hotplug(e.to_string()));
+        }
         self.notify(GedEvent::PciHotplug);
         Ok(slot)
     }
