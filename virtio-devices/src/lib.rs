@@ -20,9 +20,12 @@ mod block;
 mod chain;
 mod device;
 mod rng;
+mod tap;
 mod transport;
 mod worker;
 
+#[cfg(test)]
+mod test_netns;
 #[cfg(test)]
 mod test_utils;
 
@@ -37,6 +40,7 @@ pub use device::{
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
 };
 pub use rng::{Rng, RngError, RngSource, MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
+pub use tap::{Tap, TapError, TapOffloads, MAX_TAP_QUEUES, VNET_HDR_LEN};
 pub use transport::{
     notify_address, VirtioPciDevice, VirtioPciDeviceState, VirtioPciError, COMMON_CONFIG_OFFSET,
     DEVICE_CONFIG_OFFSET, ISR_OFFSET, MAX_QUEUES, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET,
