@@ -32,8 +32,12 @@ pub const COMMON_FEATURES: u64 =
 /// The virtio device types this crate implements (virtio 1.2 §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum VirtioDeviceType {
+    /// Network device (type 1).
+    Net,
     /// Block device (type 2).
     Block,
+    /// Console (type 3).
+    Console,
     /// Entropy source (type 4).
     Rng,
 }
@@ -42,7 +46,9 @@ impl VirtioDeviceType {
     /// The virtio device ID.
     pub fn id(self) -> u32 {
         match self {
+            Self::Net => virtio_bindings::virtio_ids::VIRTIO_ID_NET,
             Self::Block => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+            Self::Console => virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE,
             Self::Rng => virtio_bindings::virtio_ids::VIRTIO_ID_RNG,
         }
     }
@@ -177,7 +183,9 @@ mod tests {
 
     #[test]
     fn device_type_ids() {
+        assert_eq!(VirtioDeviceType::Net.id(), 1);
         assert_eq!(VirtioDeviceType::Block.id(), 2);
+        assert_eq!(VirtioDeviceType::Console.id(), 3);
         assert_eq!(VirtioDeviceType::Rng.id(), 4);
     }
 }

@@ -19,6 +19,8 @@
 mod block;
 mod chain;
 mod device;
+mod io_worker;
+mod net;
 mod rng;
 mod tap;
 mod transport;
@@ -26,6 +28,8 @@ mod worker;
 
 #[cfg(test)]
 mod test_netns;
+#[cfg(test)]
+mod test_queue;
 #[cfg(test)]
 mod test_utils;
 
@@ -39,6 +43,7 @@ pub use device::{
     ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
 };
+pub use net::{Net, NetError, NetOptions, MAX_FRAME_LEN, NET_DEFAULT_QUEUE_SIZE};
 pub use rng::{Rng, RngError, RngSource, MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};
 pub use tap::{Tap, TapError, TapOffloads, MAX_TAP_QUEUES, VNET_HDR_LEN};
 pub use transport::{

@@ -150,8 +150,12 @@ impl std::fmt::Debug for VirtioPciDevice {
 
 fn class_code(device_type: VirtioDeviceType) -> PciClassCode {
     match device_type {
+        // Network, Ethernet.
+        VirtioDeviceType::Net => PciClassCode::new(0x02, 0x00, 0x00),
         // Mass storage, other.
         VirtioDeviceType::Block => PciClassCode::new(0x01, 0x80, 0x00),
+        // Simple communication, other.
+        VirtioDeviceType::Console => PciClassCode::new(0x07, 0x80, 0x00),
         VirtioDeviceType::Rng => PciClassCode::OTHER,
     }
 }
