@@ -18,6 +18,7 @@
 
 mod block;
 mod chain;
+mod console;
 mod device;
 mod io_worker;
 mod net;
@@ -39,6 +40,9 @@ pub use block::{
     DISCARD_SEGMENT_SIZE, REQUEST_HEADER_SIZE, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
 };
 pub use chain::ChainError;
+pub use console::{
+    Console, ConsoleError, ConsoleInput, CONSOLE_INPUT_CAPACITY, CONSOLE_QUEUE_SIZE,
+};
 pub use device::{
     ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
