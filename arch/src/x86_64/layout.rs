@@ -120,6 +120,36 @@ pub fn pci_intx_gsi(slot: u8, pin: u8) -> Option<u32> {
     Some((u32::from(slot) + u32::from(pin)) % PCI_INTX_GSIS + PCI_INTX_GSI_BASE)
 }
 
+// --- ACPI hotplug and power-button register blocks (MMIO, little-endian) ---
+
+/// Generic Event Device: the pending-event register the DSDT's `GED0._EVT` reads.
+pub const GED_START: u64 = 0xfe00_0000;
+/// Size of the GED register block.
+pub const GED_SIZE: u64 = 0x10;
+/// IOAPIC pin of the GED interrupt (edge triggered, active high).
+pub const GED_IRQ: u32 = 5;
+/// CPU hotplug controller: CPU select and status registers.
+pub const CPU_HOTPLUG_START: u64 = 0xfe00_1000;
+/// Size of the CPU hotplug controller block.
+pub const CPU_HOTPLUG_SIZE: u64 = 0x10;
+/// PCI hotplug controller for bus 0: slots up, slots down, eject, present.
+pub const PCI_HOTPLUG_START: u64 = 0xfe00_2000;
+/// Size of the PCI hotplug controller block.
+pub const PCI_HOTPLUG_SIZE: u64 = 0x10;
+/// Memory hotplug controller: slot select, base, length and status registers.
+pub const MEMORY_HOTPLUG_START: u64 = 0xfe00_3000;
+/// Size of the memory hotplug controller block.
+pub const MEMORY_HOTPLUG_SIZE: u64 = 0x20;
+// The blocks sit in the 32-bit MMIO hole between the ECAM area and the IOAPIC, in address order
+// without overlapping, so 32-bit ACPI descriptors can describe them.
+const _: () = assert!(PCI_MMCONFIG_START + PCI_MMCONFIG_SIZE <= GED_START);
+const _: () = assert!(GED_START + GED_SIZE <= CPU_HOTPLUG_START);
+const _: () = assert!(CPU_HOTPLUG_START + CPU_HOTPLUG_SIZE <= PCI_HOTPLUG_START);
+const _: () = assert!(PCI_HOTPLUG_START + PCI_HOTPLUG_SIZE <= MEMORY_HOTPLUG_START);
+const _: () = assert!(MEMORY_HOTPLUG_START + MEMORY_HOTPLUG_SIZE <= IOAPIC_START);
+// The GED interrupt is an IOAPIC pin of its own: not COM1's, not a PCI INTx pin.
+const _: () = assert!(GED_IRQ < IOAPIC_PINS && GED_IRQ != COM1_IRQ && GED_IRQ < PCI_INTX_GSI_BASE);
+
 /// IOAPIC register window.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Number of IOAPIC input pins.
@@ -189,6 +219,17 @@ mod tests {
         assert_eq!(PCI_MMIO32_START, MEM_32BIT_GAP_START);
         assert_eq!(PCI_MMIO32_START + PCI_MMIO32_SIZE, PCI_MMCONFIG_START);
         assert_eq!(PCI_MMCONFIG_SIZE, 256 << 20, "1 MiB for each of 256 buses");
+    }
+
+    #[test]
+    fn hotplug_blocks_as_in_the_design_notes() {
+        assert_eq!((GED_START, GED_SIZE, GED_IRQ), (0xfe00_0000, 0x10, 5));
+        assert_eq!((CPU_HOTPLUG_START, CPU_HOTPLUG_SIZE), (0xfe00_1000, 0x10));
+        assert_eq!((PCI_HOTPLUG_START, PCI_HOTPLUG_SIZE), (0xfe00_2000, 0x10));
+        assert_eq!(
+            (MEMORY_HOTPLUG_START, MEMORY_HOTPLUG_SIZE),
+            (0xfe00_3000, 0x20)
+        );
     }
 
     #[test]
