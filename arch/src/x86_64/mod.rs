@@ -8,7 +8,7 @@
 //! | [`regs`] | entry registers, GDT/IDT, boot page tables, FPU, MSRs, LAPIC LINT pins |
 //! | [`cpuid`] | per-vCPU CPUID adjustments (APIC IDs, topology) |
 //! | [`mptable`] | the Intel MultiProcessor table |
-//! | [`acpi`] | RSDP, XSDT, FADT, MADT, DSDT (with the PCI host bridge) and MCFG |
+//! | [`acpi`] | RSDP, XSDT, FADT, MADT, DSDT (PCI host bridge, hotplug, power button) and MCFG |
 
 pub mod acpi;
 mod boot;

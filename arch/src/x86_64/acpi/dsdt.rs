@@ -1,8 +1,11 @@
 //! The DSDT: the AML namespace the guest's ACPI interpreter loads.
 //!
 //! It holds the `_S5_` sleep type the guest writes to the sleep control register to power off,
-//! and in `\_SB_` the COM1 UART, so the guest finds its console through ACPI, and the PCI host
-//! bridge with its motherboard resources (see the `pci` module).
+//! and in `\_SB_` the COM1 UART, so the guest finds its console through ACPI, the PCI host
+//! bridge with its hotplug slots and its motherboard resources (the `pci` and `pci_hotplug`
+//! modules), the power button and the Generic Event Device that signals it and hotplug (`ged`),
+//! the processor container (`cpu_hotplug`) and the memory hotplug controller
+//! (`memory_hotplug`).
 
 use acpi_tables::aml::{
     Device, EISAName, Interrupt, Name, Package, ResourceTemplate, Scope, IO, ZERO,
@@ -11,7 +14,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use super::super::layout::{COM1_IRQ, COM1_PORT};
-use super::{oem_table_id, pci, OEM_ID, OEM_REVISION};
+use super::{cpu_hotplug, ged, memory_hotplug, oem_table_id, pci, OEM_ID, OEM_REVISION};
 
 /// DSDT revision 2 and later use 64-bit AML integers.
 const DSDT_REVISION: u8 = 6;
@@ -41,18 +44,25 @@ fn com1() -> Vec<u8> {
     aml
 }
 
-/// `Scope (\_SB_)` with COM1, the PCI host bridge and the motherboard resources.
-fn system_bus(pci_mmio64: (u64, u64)) -> Vec<u8> {
+/// `Scope (\_SB_)` with COM1, the PCI host bridge, the motherboard resources, the power
+/// button, the processors, the memory hotplug controller and, last, the GED that refers to
+/// them.
+fn system_bus(pci_mmio64: (u64, u64), max_cpus: u8, memory_slots: u32) -> Vec<u8> {
     let mut devices = com1();
     devices.extend_from_slice(&pci::host_bridge(pci_mmio64));
     devices.extend_from_slice(&pci::motherboard_resources());
+    devices.extend_from_slice(&ged::power_button());
+    devices.extend_from_slice(&cpu_hotplug::cpus(max_cpus));
+    devices.extend_from_slice(&memory_hotplug::memory_hotplug(memory_slots));
+    devices.extend_from_slice(&ged::ged());
     Scope::raw("\\_SB_".into(), devices)
 }
 
 /// The complete DSDT, header included, with the PCI 64-bit MMIO window `pci_mmio64` as
-/// `(start, size)`. The caller checks that the window is not empty and ends inside the 64-bit
-/// address space.
-pub(super) fn dsdt(pci_mmio64: (u64, u64)) -> Vec<u8> {
+/// `(start, size)`, `max_cpus` possible CPUs and `memory_slots` memory hotplug slots. The caller
+/// checks that the window is not empty and ends inside the 64-bit address space, and that
+/// `memory_slots` is at most `hotplug::MAX_SLOTS`.
+pub(super) fn dsdt(pci_mmio64: (u64, u64), max_cpus: u8, memory_slots: u32) -> Vec<u8> {
     let mut table = Sdt::new(
         *b"DSDT",
         36,
@@ -62,7 +72,7 @@ pub(super) fn dsdt(pci_mmio64: (u64, u64)) -> Vec<u8> {
         OEM_REVISION,
     );
     table.append_slice(&s5());
-    table.append_slice(&system_bus(pci_mmio64));
+    table.append_slice(&system_bus(pci_mmio64, max_cpus, memory_slots));
     table.as_slice().to_vec()
 }
 
@@ -107,19 +117,23 @@ mod tests {
 
     #[test]
     fn one_system_bus_scope_with_every_device() {
-        let aml = system_bus((4 << 30, 64 << 30));
+        let aml = system_bus((4 << 30, 64 << 30), 3, 2);
         assert_eq!(aml[0], 0x10, "ScopeOp");
         assert_eq!(aml.windows(5).filter(|w| w == b"\\_SB_").count(), 1);
         let com1 = com1();
         let pci0 = pci::host_bridge((4 << 30, 64 << 30));
         let mres = pci::motherboard_resources();
-        let devices = [com1, pci0, mres].concat();
+        let pwrb = ged::power_button();
+        let cpus = cpu_hotplug::cpus(3);
+        let mhpc = memory_hotplug::memory_hotplug(2);
+        let ged0 = ged::ged();
+        let devices = [com1, pci0, mres, pwrb, cpus, mhpc, ged0].concat();
         assert!(aml.ends_with(&devices));
     }
 
     #[test]
     fn dsdt_header_and_checksum() {
-        let t = dsdt((5 << 30, 64 << 30));
+        let t = dsdt((5 << 30, 64 << 30), 4, 1);
         assert_eq!(&t[0..4], b"DSDT");
         assert_eq!(
             u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize,
@@ -131,5 +145,12 @@ mod tests {
         assert!(contains(&t, b"_S5_"));
         assert!(contains(&t, b"PCI0"));
         assert!(contains(&t, b"MRES"));
+        for name in [
+            b"GED0", b"PWRB", b"CPUS", b"C003", b"MHPC", b"M000", b"S1F_",
+        ] {
+            assert!(contains(&t, name), "{}", String::from_utf8_lossy(name));
+        }
+        assert!(!contains(&t, b"C004"));
+        assert!(!contains(&t, b"M001"));
     }
 }

@@ -2,12 +2,20 @@
 //! packed after it on 16-byte boundaries, all inside `RSDP_POINTER..ACPI_TABLES_END`.
 //!
 //! The XSDT lists the FADT, MADT and MCFG; the FADT points at the DSDT through `X_DSDT`. The
-//! DSDT describes the PCI host bridge of segment 0 with its windows and interrupt routing; the
-//! MCFG gives its ECAM area. The tables are built with their final addresses, so [`tables`]
-//! returns exactly what [`create_acpi_tables`] writes.
+//! DSDT describes the PCI host bridge of segment 0 with its windows, interrupt routing and
+//! hotplug slots, the processors, the memory hotplug slots, the power button and the Generic
+//! Event Device through which the VMM signals hotplug and the power button (their register
+//! blocks are in [`layout`](super::layout)); the MCFG gives the ECAM area. The tables are built
+//! with their final addresses, so [`tables`] returns exactly what [`create_acpi_tables`] writes.
 
+mod cpu_hotplug;
 mod dsdt;
+mod encoded;
+mod ged;
+mod hotplug;
+mod memory_hotplug;
 mod pci;
+mod pci_hotplug;
 mod tables;
 
 use acpi_tables::fadt::FADT;
@@ -31,6 +39,9 @@ const HEADER_LEN: u64 = 36;
 const XSDT_ENTRIES: u64 = 3;
 /// APIC IDs 0..=254 fit the MADT's 8-bit local APIC entries (0xff is the broadcast ID).
 const MAX_CPUS: u32 = 255;
+/// Most memory hotplug slots the DSDT describes (device names `M000`..`M0FF`).
+pub const MAX_MEMORY_SLOTS: u32 = 256;
+const _: () = assert!(MAX_MEMORY_SLOTS <= hotplug::MAX_SLOTS);
 
 /// OEM table ID: "ATRM" followed by the table's signature.
 fn oem_table_id(signature: &[u8; 4]) -> [u8; 8] {
@@ -50,6 +61,12 @@ pub enum Error {
         /// Maximum vCPUs asked for.
         max: u32,
     },
+    /// More memory hotplug slots than the DSDT can describe.
+    #[error("{slots} memory hotplug slots asked for, at most {MAX_MEMORY_SLOTS} are supported; use fewer slots")]
+    MemorySlots {
+        /// Slots asked for.
+        slots: u32,
+    },
     /// The PCI 64-bit MMIO window above this much RAM would pass the end of the address space.
     #[error("no room for the PCI 64-bit MMIO window above {ram_size:#x} bytes of guest RAM; give the guest less memory")]
     NoPciMmio64Window {
@@ -57,7 +74,7 @@ pub enum Error {
         ram_size: u64,
     },
     /// The tables do not fit below `ACPI_TABLES_END`.
-    #[error("the ACPI tables would end at {end:#x}, past {ACPI_TABLES_END:#x}; use fewer vCPUs")]
+    #[error("the ACPI tables would end at {end:#x}, past {ACPI_TABLES_END:#x}; use fewer vCPUs or memory hotplug slots")]
     TooLarge {
         /// Where the last table would end.
         end: u64,
@@ -84,7 +101,12 @@ fn align(addr: u64) -> u64 {
 }
 
 /// Builds all tables at their final addresses, RSDP first.
-fn build(boot_cpus: u32, max_cpus: u32, ram_size: u64) -> Result<Vec<Placed>, Error> {
+fn build(
+    boot_cpus: u32,
+    max_cpus: u32,
+    ram_size: u64,
+    memory_slots: u32,
+) -> Result<Vec<Placed>, Error> {
     let cpu_error = || Error::CpuCount {
         boot: boot_cpus,
         max: max_cpus,
@@ -94,13 +116,18 @@ fn build(boot_cpus: u32, max_cpus: u32, ram_size: u64) -> Result<Vec<Placed>, Er
     }
     let boot = u8::try_from(boot_cpus).map_err(|_| cpu_error())?;
     let max = u8::try_from(max_cpus).map_err(|_| cpu_error())?;
+    if memory_slots > MAX_MEMORY_SLOTS {
+        return Err(Error::MemorySlots {
+            slots: memory_slots,
+        });
+    }
 
     let mmio64 = pci_mmio64_window(ram_size);
     if mmio64.1 == 0 || mmio64.0.checked_add(mmio64.1).is_none() {
         return Err(Error::NoPciMmio64Window { ram_size });
     }
 
-    let dsdt = dsdt::dsdt(mmio64);
+    let dsdt = dsdt::dsdt(mmio64, max, memory_slots);
     let mcfg = tables::mcfg();
     // The same IOAPIC ID as the MP table, which lists the boot CPUs.
     let madt = tables::madt(boot, max, mptable::ioapic_id(boot_cpus));
@@ -161,28 +188,36 @@ fn build(boot_cpus: u32, max_cpus: u32, ram_size: u64) -> Result<Vec<Placed>, Er
 }
 
 /// The tables as bytes, each with its signature ("RSDP" for the root pointer, then "XSDT",
-/// "FACP", "DSDT", "APIC", "MCFG"), laid out for the addresses [`create_acpi_tables`] uses.
+/// "FACP", "DSDT", "APIC", "MCFG"), laid out for the addresses [`create_acpi_tables`] uses
+/// with the same arguments.
 pub fn tables(
     boot_cpus: u32,
     max_cpus: u32,
     ram_size: u64,
+    memory_slots: u32,
 ) -> Result<Vec<(String, Vec<u8>)>, Error> {
-    Ok(build(boot_cpus, max_cpus, ram_size)?
+    Ok(build(boot_cpus, max_cpus, ram_size, memory_slots)?
         .into_iter()
         .map(|t| (t.signature.to_string(), t.bytes))
         .collect())
 }
 
-/// Writes the RSDP, XSDT, FADT, DSDT, MADT and MCFG for `boot_cpus` enabled and `max_cpus`
-/// possible vCPUs and `ram_size` bytes of guest RAM (which places the PCI 64-bit MMIO window,
-/// see [`pci_mmio64_window`]) into guest memory and returns the RSDP's address.
+/// Writes the RSDP, XSDT, FADT, DSDT, MADT and MCFG into guest memory and returns the RSDP's
+/// address.
+///
+/// The tables describe `boot_cpus` enabled and `max_cpus` possible vCPUs (APIC IDs
+/// `0..max_cpus`; the CPU hotplug controller reports which are present), `ram_size` bytes of
+/// guest RAM (which places the PCI 64-bit MMIO window, see [`pci_mmio64_window`]) and
+/// `memory_slots` memory hotplug slots (at most [`MAX_MEMORY_SLOTS`]; 0 without memory
+/// hotplug), each a memory device whose range the memory hotplug controller reports.
 pub fn create_acpi_tables<M: GuestMemoryBackend>(
     mem: &M,
     boot_cpus: u32,
     max_cpus: u32,
     ram_size: u64,
+    memory_slots: u32,
 ) -> Result<GuestAddress, Error> {
-    let placed = build(boot_cpus, max_cpus, ram_size)?;
+    let placed = build(boot_cpus, max_cpus, ram_size, memory_slots)?;
     for table in &placed {
         mem.write_slice(&table.bytes, GuestAddress(table.addr))
             .map_err(|_| Error::GuestWrite {
@@ -266,7 +301,7 @@ mod tests {
     #[test]
     fn walk_from_the_rsdp() {
         let mem = memory();
-        let rsdp = create_acpi_tables(&mem, 2, 8, RAM).unwrap();
+        let rsdp = create_acpi_tables(&mem, 2, 8, RAM, 4).unwrap();
         assert_eq!(rsdp, GuestAddress(0xe0000));
         let found = walk(&mem, rsdp);
         let mut signatures: Vec<&[u8]> = found.iter().map(|(_, t)| &t[0..4]).collect();
@@ -294,7 +329,7 @@ mod tests {
 
     #[test]
     fn largest_tables_fit_the_acpi_area() {
-        let built = tables(255, 255, 1 << 40).unwrap();
+        let built = tables(255, 255, 1 << 40, MAX_MEMORY_SLOTS).unwrap();
         let mut end = 0xe0000u64;
         for (_, bytes) in &built {
             end = end.div_ceil(16) * 16 + bytes.len() as u64;
@@ -302,17 +337,22 @@ mod tests {
         assert!(end <= 0x10_0000, "tables end at {end:#x}");
         // Written through the same placement: the walk checks every table's bounds.
         let mem = memory();
-        let rsdp = create_acpi_tables(&mem, 255, 255, 1 << 40).unwrap();
+        let rsdp = create_acpi_tables(&mem, 255, 255, 1 << 40, MAX_MEMORY_SLOTS).unwrap();
         assert_eq!(walk(&mem, rsdp).len(), 5, "XSDT, FACP, DSDT, APIC, MCFG");
     }
 
     #[test]
     fn dsdt_follows_the_ram_size() {
         let dsdt = |ram: u64| {
-            let built = tables(1, 1, ram).unwrap();
+            let built = tables(1, 1, ram, 0).unwrap();
             built.into_iter().find(|(n, _)| n == "DSDT").unwrap().1
         };
-        let contains = |t: &[u8], start: u64| t.windows(8).any(|w| w == start.to_le_bytes());
+        // A QWordMemory descriptor (cacheable, read-write, zero granularity) starting there.
+        let contains = |t: &[u8], start: u64| {
+            let head = [0x8a, 0x2b, 0, 0, 0x0c, 0x03, 0, 0, 0, 0, 0, 0, 0, 0];
+            let descriptor = [&head[..], &start.to_le_bytes()].concat();
+            t.windows(descriptor.len()).any(|w| w == descriptor)
+        };
         assert!(contains(&dsdt(RAM), 4 << 30));
         assert!(contains(&dsdt(6 << 30), 7 << 30));
         assert!(!contains(&dsdt(6 << 30), 4 << 30));
@@ -321,12 +361,12 @@ mod tests {
     #[test]
     fn ram_too_large_for_the_mmio64_window() {
         assert!(matches!(
-            tables(1, 1, u64::MAX),
+            tables(1, 1, u64::MAX, 0),
             Err(Error::NoPciMmio64Window { ram_size: u64::MAX })
         ));
         let mem = memory();
         assert!(matches!(
-            create_acpi_tables(&mem, 1, 1, u64::MAX - (1 << 30)),
+            create_acpi_tables(&mem, 1, 1, u64::MAX - (1 << 30), 0),
             Err(Error::NoPciMmio64Window { .. })
         ));
     }
@@ -334,8 +374,8 @@ mod tests {
     #[test]
     fn tables_match_what_is_written() {
         let mem = memory();
-        create_acpi_tables(&mem, 1, 1, RAM).unwrap();
-        let built = tables(1, 1, RAM).unwrap();
+        create_acpi_tables(&mem, 1, 1, RAM, 0).unwrap();
+        let built = tables(1, 1, RAM, 0).unwrap();
         let names: Vec<&str> = built.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"]);
         let found = walk(&mem, GuestAddress(0xe0000));
@@ -351,7 +391,7 @@ mod tests {
 
     #[test]
     fn madt_ioapic_matches_the_mp_table() {
-        let built = tables(3, 8, RAM).unwrap();
+        let built = tables(3, 8, RAM, 0).unwrap();
         let madt = &built.iter().find(|(n, _)| n == "APIC").unwrap().1;
         let mut at = 44;
         let mut ioapic_id = None;
@@ -367,7 +407,7 @@ mod tests {
     #[test]
     fn every_table_sums_to_zero() {
         for (boot, max) in [(1, 1), (2, 8), (8, 8), (1, 255), (255, 255)] {
-            for (name, bytes) in tables(boot, max, RAM).unwrap() {
+            for (name, bytes) in tables(boot, max, RAM, 0).unwrap() {
                 let len = if name == "RSDP" {
                     assert_eq!(sum(&bytes[0..20]), 0);
                     36
@@ -384,14 +424,28 @@ mod tests {
     fn bad_cpu_counts() {
         for (boot, max) in [(0, 1), (2, 1), (1, 256), (300, 300)] {
             assert!(matches!(
-                tables(boot, max, RAM),
+                tables(boot, max, RAM, 0),
                 Err(Error::CpuCount { .. })
             ));
         }
         let mem = memory();
         assert!(matches!(
-            create_acpi_tables(&mem, 0, 0, RAM),
+            create_acpi_tables(&mem, 0, 0, RAM, 0),
             Err(Error::CpuCount { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_slots_limit() {
+        assert!(tables(1, 1, RAM, MAX_MEMORY_SLOTS).is_ok());
+        assert!(matches!(
+            tables(1, 1, RAM, MAX_MEMORY_SLOTS + 1),
+            Err(Error::MemorySlots { slots: 257 })
+        ));
+        let mem = memory();
+        assert!(matches!(
+            create_acpi_tables(&mem, 1, 1, RAM, u32::MAX),
+            Err(Error::MemorySlots { .. })
         ));
     }
 
@@ -400,7 +454,7 @@ mod tests {
         let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9fc00)]).unwrap();
         assert!(matches!(
-            create_acpi_tables(&mem, 1, 1, RAM),
+            create_acpi_tables(&mem, 1, 1, RAM, 0),
             Err(Error::GuestWrite {
                 table: "RSDP",
                 addr: 0xe0000

@@ -6,19 +6,22 @@
 //! 16-23 as [`pci_intx_gsi`] computes; with a zero source the routing is to a global system
 //! interrupt that is level triggered and active low, so the guest programs the IOAPIC pins that
 //! way. Its `_OSC` hands the guest native control of PCIe hot plug, SHPC hot plug, PME, AER and
-//! the PCIe capability structure.
+//! the PCIe capability structure. Its hotplug slot devices and methods come from the
+//! `pci_hotplug` module.
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName, Else, Equal,
     If, Local, Memory32Fixed, Method, Name, NotEqual, Or, Package, PackageBuilder, Path,
     ResourceTemplate, Return, Store, Uuid, IO, ZERO,
 };
-use acpi_tables::{Aml, AmlSink};
+use acpi_tables::Aml;
 
 use super::super::layout::{
     pci_intx_gsi, PCI_IO_CONFIG_PORT, PCI_MAX_SLOT, PCI_MMCONFIG_SIZE, PCI_MMCONFIG_START,
     PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
+use super::encoded::Serialized;
+use super::pci_hotplug;
 
 /// The configuration mechanism #1 uses eight ports (address and data registers).
 const PCI_IO_CONFIG_PORTS: u8 = 8;
@@ -53,9 +56,12 @@ pub(super) fn host_bridge(mmio64: (u64, u64)) -> Vec<u8> {
     let crs = host_bridge_resources(mmio64);
     let prt = routing_table();
     let osc = osc();
+    let hotplug = Serialized(pci_hotplug::objects());
     let device = Device::new(
         "PCI0".into(),
-        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt, &osc],
+        vec![
+            &hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt, &osc, &hotplug,
+        ],
     );
     let mut aml = Vec::new();
     device.to_aml_bytes(&mut aml);
@@ -181,15 +187,6 @@ fn osc() -> Serialized {
     let mut aml = Vec::new();
     method.to_aml_bytes(&mut aml);
     Serialized(aml)
-}
-
-/// AML already encoded, to nest where the builder wants an [`Aml`] object.
-struct Serialized(Vec<u8>);
-
-impl Aml for Serialized {
-    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        sink.vec(&self.0);
-    }
 }
 
 /// `Device (MRES)` for `\_SB_`: motherboard resources (PNP0C02) holding the ECAM area, so the

@@ -85,12 +85,7 @@ pub(super) fn madt(boot_cpus: u8, max_cpus: u8, ioapic_id: u8) -> Vec<u8> {
 
     let mut structures = Vec::new();
     for id in 0..max_cpus {
-        let status = if id < boot_cpus {
-            EnabledStatus::Enabled
-        } else {
-            EnabledStatus::DisabledOnlineCapable
-        };
-        ProcessorLocalApic::new(id, id, status).to_aml_bytes(&mut structures);
+        structures.extend(local_apic(id, id < boot_cpus));
     }
     // IOAPIC_START is below 4 GiB; its pins start at GSI 0.
     IoApic::new(ioapic_id, IOAPIC_START as u32, 0).to_aml_bytes(&mut structures);
@@ -105,6 +100,20 @@ pub(super) fn madt(boot_cpus: u8, max_cpus: u8, ioapic_id: u8) -> Vec<u8> {
 
     table.append_slice(&structures);
     table.as_slice().to_vec()
+}
+
+/// The MADT Processor Local APIC structure of CPU `id` (its ACPI processor UID and APIC ID):
+/// enabled, or disabled and online capable (a CPU that can be hot added). The DSDT's processor
+/// devices return the same bytes from `_MAT`.
+pub(super) fn local_apic(id: u8, enabled: bool) -> Vec<u8> {
+    let status = if enabled {
+        EnabledStatus::Enabled
+    } else {
+        EnabledStatus::DisabledOnlineCapable
+    };
+    let mut entry = Vec::new();
+    ProcessorLocalApic::new(id, id, status).to_aml_bytes(&mut entry);
+    entry
 }
 
 /// The MCFG: one ECAM allocation, segment 0, buses 0 to the last the ECAM area covers.
@@ -221,6 +230,13 @@ mod tests {
         assert_eq!(t[52..54], [0, 0], "segment");
         assert_eq!((t[54], t[55]), (0, 255), "start and end bus");
         assert_eq!(t[56..60], [0; 4], "reserved");
+    }
+
+    #[test]
+    fn local_apic_entries() {
+        assert_eq!(local_apic(0, true), [0, 8, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(local_apic(7, false), [0, 8, 7, 7, 2, 0, 0, 0]);
+        assert_eq!(local_apic(254, true), [0, 8, 254, 254, 1, 0, 0, 0]);
     }
 
     #[test]
