@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, Parser, ValueEnum};
 use vmm::config::{
-    ConfigError, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig,
-    TripleFaultAction, VmConfig,
+    ConfigError, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    RngConfig, TripleFaultAction, VmConfig,
 };
 use vmm::Outcome;
 
@@ -77,6 +77,15 @@ struct Cli {
         value_name = "path=PATH[,format=raw|qcow2][,readonly=on][,num_queues=N][,queue_size=N][,serial=ID][,id=NAME]"
     )]
     disk: Vec<String>,
+    /// A virtio-net device on a tap interface (tap= empty: Atrium creates one and removes it at exit)
+    #[arg(
+        long,
+        value_name = "tap=NAME[,mac=MAC][,num_queues=N][,queue_size=N][,id=NAME]"
+    )]
+    net: Vec<String>,
+    /// The virtio console (hvc0): off, null, tty, file=PATH or socket=PATH [default: off]
+    #[arg(long, value_name = "MODE")]
+    console: Option<String>,
     /// A virtio entropy device (bytes from getrandom, or from src=PATH)
     #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
@@ -121,6 +130,15 @@ impl Cli {
                 .map(|d| DiskConfig::parse(d))
                 .collect::<Result<_, _>>()?,
             rng: self.rng.as_deref().map(RngConfig::parse).transpose()?,
+            nets: self
+                .net
+                .iter()
+                .map(|n| NetConfig::parse(n))
+                .collect::<Result<_, _>>()?,
+            console: match self.console.as_deref() {
+                None | Some("off") => None,
+                Some(mode) => Some(ConsoleOutputMode::parse(mode)?),
+            },
         })
     }
 }

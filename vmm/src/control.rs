@@ -20,6 +20,8 @@ const TOKEN_VM_EVENTS: u64 = u64::MAX;
 const TOKEN_SIGNAL: u64 = u64::MAX - 1;
 const TOKEN_API: u64 = u64::MAX - 2;
 const TOKEN_EJECT: u64 = u64::MAX - 3;
+/// Console fds are their own tokens; the virtio console's carry this bit.
+const VIRTIO_CONSOLE_TOKEN: u64 = 1 << 32;
 
 /// Where the VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub struct Vmm {
     pub(crate) vm: Option<Vm>,
     pub(crate) state: VmState,
     pub(crate) console: Option<Console>,
+    /// The virtio console's host side.
+    vconsole: Option<Console>,
     pub(crate) events: Arc<VmEvents>,
     /// Signalled when the guest ejects a hot-removed CPU or device.
     eject_event: EventFd,
@@ -94,6 +98,7 @@ impl Vmm {
             vm: None,
             state: VmState::NotCreated,
             console: None,
+            vconsole: None,
             events,
             eject_event,
             cmos_state: None,
@@ -125,6 +130,13 @@ impl Vmm {
             }
         }
         self.console = Some(console);
+        if let Some(mode) = &config.console {
+            let vconsole = Console::new(mode)?;
+            for fd in vconsole.input_fds() {
+                let _ = self.epoll.add(fd, fd as u64 | VIRTIO_CONSOLE_TOKEN);
+            }
+            self.vconsole = Some(vconsole);
+        }
         self.config = Some(config);
         self.state = VmState::Created;
         Ok(())
@@ -142,6 +154,7 @@ impl Vmm {
             self.cmos_state.take(),
             self.events.clone(),
             &self.eject_event,
+            self.vconsole.as_ref(),
         )?;
         vm.start()?;
         self.vm = Some(vm);
@@ -218,6 +231,9 @@ impl Vmm {
                     }
                     TOKEN_API => api(self),
                     TOKEN_EJECT => self.handle_ejects(),
+                    token if token & VIRTIO_CONSOLE_TOKEN != 0 => {
+                        self.handle_virtio_console((token & 0xffff_ffff) as RawFd)
+                    }
                     fd => self.handle_console(fd as RawFd),
                 };
                 if let Next::Exit(result) = next {
@@ -274,6 +290,29 @@ impl Vmm {
             for name in vm.devices_mut().collect_ejected_devices() {
                 tracing::info!("device {name} removed");
             }
+        }
+        Next::Continue
+    }
+
+    fn handle_virtio_console(&mut self, fd: RawFd) -> Next {
+        let Some(console) = self.vconsole.as_mut() else {
+            return Next::Continue;
+        };
+        match console.handle_readable(fd) {
+            ConsoleInput::Bytes(bytes) => {
+                if let Some(vm) = &self.vm {
+                    vm.feed_virtio_console(&bytes);
+                }
+            }
+            ConsoleInput::Quit => return Next::Exit(Ok(Outcome::Signalled(0))),
+            ConsoleInput::Closed => {
+                let _ = self.epoll.delete(fd);
+            }
+            ConsoleInput::Nothing => {}
+        }
+        // A socket client that connected: watch it too.
+        if let Some(client) = console.client_fd() {
+            let _ = self.epoll.add(client, client as u64 | VIRTIO_CONSOLE_TOKEN);
         }
         Next::Continue
     }

@@ -47,6 +47,12 @@ pub enum BuildError {
     /// The entropy source.
     #[error("{0}")]
     Rng(String),
+    /// A network device.
+    #[error("{0}")]
+    Net(String),
+    /// The virtio console.
+    #[error("--console: {0}")]
+    Console(String),
 }
 
 /// A built VM. Fields drop in order: vCPU threads are joined before devices, the KVM VM and guest memory go away.
@@ -55,6 +61,7 @@ pub struct Vm {
     pending_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
     parked_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
     guest_mem: virtio_devices::GuestMemory,
+    console_input: Option<virtio_devices::ConsoleInput>,
     base_cpuid: Vec<hypervisor::x86_64::CpuIdEntry>,
     max_vcpus: u32,
     devices: DeviceManager,
@@ -74,6 +81,7 @@ impl Vm {
         cmos_state: Option<devices::cmos::CmosState>,
         events: Arc<VmEvents>,
         eject_event: &vmm_sys_util::eventfd::EventFd,
+        vconsole: Option<&Console>,
     ) -> Result<Vm, BuildError> {
         // 1. The VM, with KVM's local APICs and a user-space IOAPIC (split irqchip).
         let vm = hv.create_vm().map_err(BuildError::CreateVm)?;
@@ -115,6 +123,18 @@ impl Vm {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
             let block = create_block(disk)?;
             devices.add_virtio(name, &guest_mem, block)?;
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            let name = net.id.clone().unwrap_or_else(|| format!("net{index}"));
+            let device = create_net(net)?;
+            devices.add_virtio(name, &guest_mem, device)?;
+        }
+        let mut console_input = None;
+        if let Some(host) = vconsole {
+            let device = virtio_devices::Console::new(Box::new(host.writer()))
+                .map_err(|e| BuildError::Console(e.to_string()))?;
+            console_input = Some(device.input());
+            devices.add_virtio("console0".to_string(), &guest_mem, Box::new(device))?;
         }
         if let Some(rng) = &config.rng {
             let source = if rng.src.as_os_str() == "/dev/urandom" {
@@ -190,6 +210,7 @@ impl Vm {
             pending_vcpus,
             parked_vcpus: Vec::new(),
             guest_mem,
+            console_input,
             base_cpuid,
             max_vcpus: max_cpus,
             devices,
@@ -325,6 +346,15 @@ impl Vm {
         self.devices.serial().is_some()
     }
 
+    /// Queues console input for the virtio console.
+    pub fn feed_virtio_console(&self, bytes: &[u8]) {
+        if let Some(input) = &self.console_input {
+            if let Err(e) = input.enqueue_input(bytes) {
+                tracing::debug!("virtio console input dropped: {e}");
+            }
+        }
+    }
+
     /// Queues console input for the serial port.
     pub fn feed_serial(&self, bytes: &[u8]) {
         if let Some(serial) = self.devices.serial() {
@@ -340,6 +370,25 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// A virtio-net device on the tap `net` names (or a new one).
+fn create_net(
+    net: &crate::config::NetConfig,
+) -> Result<Box<dyn virtio_devices::VirtioDevice>, BuildError> {
+    let options = virtio_devices::NetOptions {
+        tap: net.tap.clone(),
+        mac: net.mac,
+        num_queues: net.num_queues,
+        queue_size: net.queue_size,
+    };
+    let device = virtio_devices::Net::new(&options).map_err(|e| {
+        BuildError::Net(format!(
+            "--net tap={}: {e}",
+            net.tap.as_deref().unwrap_or("")
+        ))
+    })?;
+    Ok(Box::new(device))
 }
 
 /// A virtio-blk device for `disk` (image opened and locked).

@@ -119,6 +119,9 @@ pub enum ConfigError {
         /// What is accepted instead.
         expected: &'static str,
     },
+    /// The serial port and the virtio console both want the terminal.
+    #[error("--serial tty and --console tty cannot share the terminal; use --serial null (or off) with --console tty")]
+    TwoTtyConsoles,
     /// Two devices share an id.
     #[error("device id '{id}' is used twice; give each device its own id=")]
     DuplicateDeviceId {
@@ -694,9 +697,15 @@ pub struct VmConfig {
     /// How much the VMM logs: 0 is errors only, each step up is one more `tracing` level.
     #[serde(default)]
     pub verbosity: u8,
+    /// The virtio console (`None`: no virtio console device).
+    #[serde(default)]
+    pub console: Option<ConsoleOutputMode>,
     /// Block devices, in PCI slot order.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Network devices.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     /// The entropy device, if any.
     #[serde(default)]
     pub rng: Option<RngConfig>,
@@ -716,7 +725,18 @@ impl VmConfig {
         self.memory.validate_against_host(host_memory)?;
         self.payload.validate()?;
         self.serial.validate()?;
+        if let Some(console) = &self.console {
+            console.validate()?;
+            if *console == ConsoleOutputMode::Tty && self.serial == ConsoleOutputMode::Tty {
+                return Err(ConfigError::TwoTtyConsoles);
+            }
+        }
         let mut ids = std::collections::BTreeSet::new();
+        for id in self.nets.iter().filter_map(|n| n.id.as_ref()) {
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateDeviceId { id: id.clone() });
+            }
+        }
         for disk in &self.disks {
             disk.validate()?;
             if let Some(id) = &disk.id {

@@ -445,7 +445,9 @@ fn json_round_trip() {
         no_reboot: true,
         triple_fault: TripleFaultAction::Reboot,
         verbosity: 2,
+        console: Some(ConsoleOutputMode::Null),
         disks: vec![DiskConfig::parse("path=/d.img,readonly=on,id=d0").unwrap()],
+        nets: vec![NetConfig::parse("tap=tap0,id=n0").unwrap()],
         rng: Some(RngConfig::default()),
     };
     let json = serde_json::to_string(&c).unwrap();
@@ -474,5 +476,17 @@ fn duplicate_device_ids_are_rejected() {
     assert_eq!(
         err(c.validate_against(None)),
         "device id 'same' is used twice; give each device its own id="
+    );
+}
+
+#[test]
+fn serial_and_console_cannot_both_take_the_tty() {
+    let c = VmConfig {
+        console: Some(ConsoleOutputMode::Tty),
+        ..VmConfig::default()
+    };
+    assert_eq!(
+        err(c.validate_against(None)),
+        "--serial tty and --console tty cannot share the terminal; use --serial null (or off) with --console tty"
     );
 }
