@@ -1,5 +1,5 @@
 //! Disk image backends: the [`DiskBackend`] trait the block device works through, and [`RawFile`], a raw image (or
-//! host block device) accessed with positional reads and writes.
+//! host block device) accessed with positional reads and writes, straight to and from guest memory.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -8,6 +8,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+use vm_memory::VolatileSlice;
 
 use super::lock::{lock_file, LockKind, LockOutcome};
 
@@ -35,6 +36,66 @@ pub trait DiskBackend: Send + Sync {
 
     /// Zeroes `len` bytes at `offset`, deallocating them when `unmap` allows it.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// Fills the guest buffer `buf` from the disk at `offset`. The default reads chunks of at most 1 MiB into
+    /// `scratch` with [`DiskBackend::read_at`] and copies them; a backend that can read straight into guest memory
+    /// overrides it. `scratch` belongs to the caller, so it is allocated once, not per request.
+    fn read_to_guest(
+        &self,
+        buf: &VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        bounce_chunks(buf, offset, scratch, |chunk, bounce, at| {
+            self.read_at(bounce, at)?;
+            chunk.copy_from(bounce);
+            Ok(())
+        })
+    }
+
+    /// Writes the guest buffer `buf` to the disk at `offset`; the counterpart of [`DiskBackend::read_to_guest`].
+    fn write_from_guest(
+        &self,
+        buf: &VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        bounce_chunks(buf, offset, scratch, |chunk, bounce, at| {
+            chunk.copy_to(bounce);
+            self.write_at(bounce, at)
+        })
+    }
+}
+
+/// Largest chunk the default guest-memory methods of [`DiskBackend`] move through their scratch buffer.
+pub(crate) const BOUNCE_CHUNK: usize = 1 << 20;
+
+/// Calls `f` with each chunk of at most [`BOUNCE_CHUNK`] bytes of `buf`, a scratch slice of the same length and the
+/// chunk's disk offset.
+fn bounce_chunks(
+    buf: &VolatileSlice<'_>,
+    offset: u64,
+    scratch: &mut Vec<u8>,
+    mut f: impl FnMut(&VolatileSlice<'_>, &mut [u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let len = (buf.len() - done).min(BOUNCE_CHUNK);
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        let chunk = buf.subslice(done, len).map_err(io::Error::other)?;
+        f(&chunk, &mut scratch[..len], disk_offset(offset, done)?)?;
+        done += len;
+    }
+    Ok(())
+}
+
+/// `offset + done`, refused when it overflows.
+fn disk_offset(offset: u64, done: usize) -> io::Result<u64> {
+    offset
+        .checked_add(done as u64)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Errors opening a disk image.
@@ -156,6 +217,33 @@ impl RawFile {
         }
     }
 
+    /// Runs `op` (a `pread` or `pwrite` of `len` bytes from `done` into `buf`, at a file offset) until all of `buf` is
+    /// transferred. A transfer of 0 bytes means the file ended.
+    fn transfer_all(
+        &self,
+        buf: &VolatileSlice<'_>,
+        offset: u64,
+        mut op: impl FnMut(libc::c_int, usize, usize, libc::off_t) -> isize,
+    ) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = libc::off_t::try_from(disk_offset(offset, done)?)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let ret = op(self.file.as_raw_fd(), done, buf.len() - done, at);
+            match usize::try_from(ret) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(count) => done += count,
+                Err(_) => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
         let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
         let mut done = 0;
@@ -206,6 +294,37 @@ impl DiskBackend for RawFile {
             Err(err) if unsupported(&err) => Ok(()),
             other => other,
         }
+    }
+
+    fn read_to_guest(
+        &self,
+        buf: &VolatileSlice<'_>,
+        offset: u64,
+        _scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let guard = buf.ptr_guard_mut();
+        let base = guard.as_ptr();
+        self.transfer_all(buf, offset, |fd, done, len, at| {
+            // SAFETY: `base` is the start of the `buf.len()` bytes of mapped guest memory `buf` covers, kept mapped
+            // by `guard`; `done + len <= buf.len()`, so pread writes only inside it. Guest memory is only ever
+            // accessed through raw pointers and volatile copies, so no Rust reference aliases these bytes.
+            unsafe { libc::pread(fd, base.add(done).cast(), len, at) }
+        })
+    }
+
+    fn write_from_guest(
+        &self,
+        buf: &VolatileSlice<'_>,
+        offset: u64,
+        _scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let guard = buf.ptr_guard();
+        let base = guard.as_ptr();
+        self.transfer_all(buf, offset, |fd, done, len, at| {
+            // SAFETY: `base` is the start of the `buf.len()` bytes of mapped guest memory `buf` covers, kept mapped
+            // by `guard`; `done + len <= buf.len()`, so pwrite reads only inside it.
+            unsafe { libc::pwrite(fd, base.add(done).cast(), len, at) }
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {

@@ -9,7 +9,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
@@ -62,6 +62,55 @@ impl DiskBackend for CountingDisk {
     }
     fn flush(&self) -> std::io::Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn read_to_guest(
+        &self,
+        buf: &vm_memory::VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        self.inner.read_to_guest(buf, offset, scratch)
+    }
+    fn write_from_guest(
+        &self,
+        buf: &vm_memory::VolatileSlice<'_>,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        self.inner.write_from_guest(buf, offset, scratch)
+    }
+}
+
+/// A raw file behind only the required [`DiskBackend`] methods, so data moves through the default bouncing
+/// `read_to_guest`/`write_from_guest`. Records the largest single read or write.
+struct BouncingDisk {
+    inner: RawFile,
+    largest: AtomicUsize,
+}
+
+impl DiskBackend for BouncingDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.largest.fetch_max(buf.len(), Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.largest.fetch_max(buf.len(), Ordering::Relaxed);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -645,4 +694,132 @@ fn hostile_chains_never_panic_or_escape_the_disk() {
     assert!(served_data > 100, "{served_data}");
     // The image never grew past its size.
     assert_eq!(std::fs::metadata(s.path()).unwrap().len(), DISK_SIZE as u64);
+}
+
+/// Guest RAM as two adjacent regions meeting at `SPLIT`, so one guest buffer can span both host mappings.
+const SPLIT: u64 = 0x30_0000;
+
+fn split_guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), SPLIT as usize),
+        (GuestAddress(SPLIT), SPLIT as usize),
+    ])
+    .unwrap()
+}
+
+/// Serves one header/data/status request on `mem`; returns (status, used length).
+fn serve(
+    handler: &mut BlockHandler,
+    mem: &GuestMemoryMmap,
+    request_type: u32,
+    sector: u64,
+    data: (u64, u32),
+) -> (u8, u32) {
+    const STATUS_AT: u64 = 0x50_0000;
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&request_type.to_le_bytes());
+    header[8..].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(0xeeu8, GuestAddress(STATUS_AT)).unwrap();
+    let vq = MockSplitQueue::new(mem, 16);
+    vq.add_desc_chains(
+        &[
+            desc(HEADER, 16, false, Some(1)),
+            desc(data.0, data.1, request_type == VIRTIO_BLK_T_IN, Some(2)),
+            desc(STATUS_AT, 1, true, None),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut queue: Queue = vq.create_queue().unwrap();
+    process_queue(handler, 0, &mut queue, mem).unwrap();
+    let status = mem.read_obj::<u8>(GuestAddress(STATUS_AT)).unwrap();
+    (status, vq.used().ring().ref_at(0).unwrap().load().len())
+}
+
+#[test]
+fn large_buffers_spanning_memory_regions_move_on_both_data_paths() {
+    // More than one bounce chunk, starting 8 KiB before the region boundary.
+    let len = super::backend::BOUNCE_CHUNK + 3 * 4096;
+    let addr = SPLIT - 0x2000;
+    let disk_size = 4 << 20;
+    for bouncing in [false, true] {
+        let image = TempFile::new().unwrap();
+        image.as_file().write_all(&pattern(disk_size)).unwrap();
+        let bouncer = bouncing.then(|| {
+            Arc::new(BouncingDisk {
+                inner: RawFile::open(image.as_path(), false).unwrap(),
+                largest: AtomicUsize::new(0),
+            })
+        });
+        let disk: Arc<dyn DiskBackend> = match &bouncer {
+            Some(bouncer) => bouncer.clone(),
+            None => Arc::new(RawFile::open(image.as_path(), false).unwrap()),
+        };
+        let mut handler = BlockHandler::new(BlockContext {
+            disk,
+            read_only: false,
+            writeback: true,
+            serial: [0; VIRTIO_BLK_ID_BYTES],
+            discard: range_limits(),
+            write_zeroes: range_limits(),
+        });
+        let mem = split_guest_memory();
+
+        // Read 3 sectors in: the guest buffer gets the disk bytes on both sides of the boundary.
+        mem.write_slice(&vec![0u8; len], GuestAddress(addr))
+            .unwrap();
+        let reply = serve(&mut handler, &mem, VIRTIO_BLK_T_IN, 3, (addr, len as u32));
+        assert_eq!(reply, (OK, len as u32 + 1), "bouncing: {bouncing}");
+        let mut back = vec![0u8; len];
+        mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        assert!(back == pattern(disk_size)[1536..1536 + len]);
+
+        // Write a new pattern from the same buffer to sector 8.
+        let data: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
+        mem.write_slice(&data, GuestAddress(addr)).unwrap();
+        let reply = serve(&mut handler, &mem, VIRTIO_BLK_T_OUT, 8, (addr, len as u32));
+        assert_eq!(reply, (OK, 1), "bouncing: {bouncing}");
+        let host = std::fs::read(image.as_path()).unwrap();
+        assert!(host[4096..4096 + len] == data[..]);
+        assert!(host[..4096] == pattern(disk_size)[..4096]);
+        assert!(host[4096 + len..] == pattern(disk_size)[4096 + len..]);
+
+        if let Some(bouncer) = bouncer {
+            assert_eq!(
+                bouncer.largest.load(Ordering::Relaxed),
+                super::backend::BOUNCE_CHUNK,
+                "the default methods move at most one chunk at a time"
+            );
+        }
+    }
+}
+
+#[test]
+fn raw_files_read_into_and_write_from_guest_memory() {
+    let image = image();
+    let disk = RawFile::open(image.as_path(), false).unwrap();
+    let mem = split_guest_memory();
+    let mut scratch = Vec::new();
+    let slice = mem.get_slice(GuestAddress(DATA), 4096).unwrap();
+    disk.read_to_guest(&slice, 8192, &mut scratch).unwrap();
+    let mut back = vec![0u8; 4096];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back == pattern(DISK_SIZE)[8192..12288]);
+
+    let data = vec![0x42u8; 4096];
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    disk.write_from_guest(&slice, 512, &mut scratch).unwrap();
+    assert_eq!(host_bytes(image.as_path(), 512, 4096), data);
+    assert!(scratch.is_empty(), "raw files need no scratch buffer");
+
+    // Reading past the end of the file fails rather than leaving the tail of the buffer stale.
+    let err = disk
+        .read_to_guest(&slice, DISK_SIZE as u64 - 1024, &mut scratch)
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    let err = disk
+        .read_to_guest(&slice, u64::MAX - 100, &mut scratch)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
 }

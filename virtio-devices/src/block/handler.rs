@@ -1,7 +1,9 @@
 //! Serving virtio-blk requests against a [`DiskBackend`].
 //!
-//! Data moves through a bounce buffer of at most [`MAX_BOUNCE`] bytes with vm-memory's checked accessors, so a
-//! request can never touch host memory outside the guest's RAM whatever its descriptors say.
+//! Data moves between the disk and guest buffers that vm-memory has checked and sliced (a buffer spanning two
+//! memory regions becomes two slices), so a request can never touch host memory outside the guest's RAM whatever its
+//! descriptors say. [`RawFile`](super::RawFile) reads and writes those slices directly; other backends bounce
+//! through a scratch buffer the handler keeps.
 
 use std::sync::Arc;
 
@@ -9,15 +11,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryError};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryError};
 
 use super::backend::DiskBackend;
-use super::request::{Request, RequestType, Segment, DISCARD_SEGMENT_SIZE, SECTOR_SIZE};
+use super::request::{Request, RequestType, DISCARD_SEGMENT_SIZE, SECTOR_SIZE};
 use crate::device::GuestMemoryMmap;
 use crate::worker::ChainHandler;
 
-/// Largest bounce buffer a queue keeps.
-const MAX_BOUNCE: usize = 1 << 20;
 /// Length of the device ID GET_ID returns.
 pub const VIRTIO_BLK_ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
@@ -60,14 +60,15 @@ impl Failure {
 /// Serves the request queues of one block device.
 pub(crate) struct BlockHandler {
     ctx: BlockContext,
-    bounce: Vec<u8>,
+    /// Scratch space for backends that cannot move data straight to and from guest memory.
+    scratch: Vec<u8>,
 }
 
 impl BlockHandler {
     pub(crate) fn new(ctx: BlockContext) -> Self {
         Self {
             ctx,
-            bounce: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -85,14 +86,6 @@ impl BlockHandler {
                 Err(Failure::IoErr)
             }
         }
-    }
-
-    fn bounce(&mut self, len: u64) -> &mut [u8] {
-        let len = len.min(MAX_BOUNCE as u64) as usize;
-        if self.bounce.len() < len {
-            self.bounce.resize(len, 0);
-        }
-        &mut self.bounce[..len]
     }
 
     /// Serves `request`; returns its status and the number of data bytes written into guest buffers.
@@ -124,14 +117,12 @@ impl BlockHandler {
         self.check_range(offset, request.data_len)?;
         let disk = self.ctx.disk.clone();
         for segment in &request.data {
-            for_each_chunk(*segment, |addr, len| {
-                let buf = self.bounce(len);
-                disk.read_at(buf, offset)
+            for slice in mem.get_slices(segment.addr, segment.len as usize) {
+                let slice = slice.map_err(memory_failure)?;
+                disk.read_to_guest(&slice, offset, &mut self.scratch)
                     .map_err(|err| io_failure("read", &err))?;
-                mem.write_slice(buf, addr).map_err(memory_failure)?;
-                offset += len;
-                Ok(())
-            })?;
+                offset += slice.len() as u64;
+            }
         }
         Ok(())
     }
@@ -145,14 +136,12 @@ impl BlockHandler {
         self.check_range(offset, request.data_len)?;
         let disk = self.ctx.disk.clone();
         for segment in &request.data {
-            for_each_chunk(*segment, |addr, len| {
-                let buf = self.bounce(len);
-                mem.read_slice(buf, addr).map_err(memory_failure)?;
-                disk.write_at(buf, offset)
+            for slice in mem.get_slices(segment.addr, segment.len as usize) {
+                let slice = slice.map_err(memory_failure)?;
+                disk.write_from_guest(&slice, offset, &mut self.scratch)
                     .map_err(|err| io_failure("write", &err))?;
-                offset += len;
-                Ok(())
-            })?;
+                offset += slice.len() as u64;
+            }
         }
         self.write_through()
     }
@@ -256,27 +245,6 @@ impl BlockHandler {
         }
         self.write_through()
     }
-}
-
-/// Calls `f` on consecutive chunks of at most [`MAX_BOUNCE`] bytes of `segment`.
-fn for_each_chunk(
-    segment: Segment,
-    mut f: impl FnMut(vm_memory::GuestAddress, u64) -> Result<(), Failure>,
-) -> Result<(), Failure> {
-    let mut done = 0u64;
-    let len = u64::from(segment.len);
-    while done < len {
-        let chunk = (len - done).min(MAX_BOUNCE as u64);
-        let addr = segment
-            .addr
-            .0
-            .checked_add(done)
-            .map(vm_memory::GuestAddress)
-            .ok_or(Failure::IoErr)?;
-        f(addr, chunk)?;
-        done += chunk;
-    }
-    Ok(())
 }
 
 fn io_failure(what: &str, err: &std::io::Error) -> Failure {
