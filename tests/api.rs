@@ -469,3 +469,45 @@ fn fifty_concurrent_requests_leave_the_vm_consistent() {
     vmm.remote_ok(&["shutdown-vmm"]);
     assert_eq!(vmm.wait_exit(), 0);
 }
+
+fn if_exists(name: &str) -> bool {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    unsafe { libc::if_nametoindex(cname.as_ptr()) != 0 }
+}
+
+#[test]
+fn add_net_creates_a_tap_and_remove_device_deletes_it() {
+    if !kvm_available() {
+        return;
+    }
+    // A private network namespace for this thread and the VMM it starts.
+    let worker = std::thread::spawn(|| {
+        // SAFETY: unshare only changes this thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("cannot create a network namespace under CI: {e}");
+            }
+            eprintln!("SKIPPED: cannot create a network namespace: {e}");
+            return;
+        }
+        let mut vmm = Vmm::boot_guest("api-hotplug-net", "hotplug", &[]);
+        vmm.wait_line("hotplug: ready");
+        let added = vmm.remote_ok(&["add-net", "tap=hpnet0,id=hn0,mac=52:54:00:aa:bb:cc"]);
+        assert!(added.contains("hn0"), "{added}");
+        vmm.wait_line("pcihp: slot 1 up 1af4:1041");
+        assert!(if_exists("hpnet0"), "the tap was not created");
+        vmm.remote_ok(&["remove-device", "hn0"]);
+        vmm.wait_line("pcihp: slot 1 ejected");
+        let mut tries = 0;
+        while if_exists("hpnet0") {
+            tries += 1;
+            assert!(tries < 500, "the tap Atrium created outlived its device");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vmm.remote_ok(&["power-button"]);
+        assert_eq!(vmm.wait_exit(), 0);
+    });
+    worker.join().expect("network test thread");
+}

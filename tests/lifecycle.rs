@@ -262,3 +262,51 @@ fn serial_off_still_boots() {
     assert_eq!(run.code(), 0, "{run:?}");
     assert!(run.serial.is_empty());
 }
+
+#[test]
+fn serial_socket_backend_serves_a_client() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = scratch_dir("serial-socket");
+    let sock = dir.join("serial.sock");
+    let kernel = guest("report.bzImage");
+    let spec = format!("socket={}", sock.display());
+    let child = atrium()
+        .args([
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "action=echo",
+            "--serial",
+            &spec,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tries = 0;
+    let mut client = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(_) => {
+                tries += 1;
+                assert!(tries < 3000, "serial socket never appeared");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    };
+    // Bytes sent by the client reach the guest's UART; the guest echoes them, and 'q' powers it off.
+    client.write_all(b"via-socket q").unwrap();
+    let mut out = String::new();
+    let _ = client.read_to_string(&mut out);
+    let run = wait_bounded(child, GUEST_LIMIT);
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert!(
+        out.contains("via-socket"),
+        "echo missing from the socket: {out}"
+    );
+    assert!(!sock.exists(), "the socket file was not removed at exit");
+}

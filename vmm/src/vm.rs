@@ -280,16 +280,37 @@ impl Vm {
             .map_err(|e| BuildError::Disk(e.to_string()))?;
         let name = match &disk.id {
             Some(id) => id.clone(),
-            None => (0..)
-                .map(|i| format!("disk{i}"))
-                .find(|n| !self.devices.virtio_devices().any(|(d, _)| d == n))
-                .unwrap_or_default(),
+            None => self.free_name("disk"),
         };
         let block = create_block(disk)?;
         let slot = self
             .devices
             .hotplug_virtio(name.clone(), &self.guest_mem, block)?;
         Ok((name, slot))
+    }
+
+    /// Hot-adds a network device on a tap. Returns its name and slot.
+    pub fn hotplug_net(
+        &mut self,
+        net: &crate::config::NetConfig,
+    ) -> Result<(String, u8), BuildError> {
+        let name = match &net.id {
+            Some(id) => id.clone(),
+            None => self.free_name("net"),
+        };
+        let device = create_net(net)?;
+        let slot = self
+            .devices
+            .hotplug_virtio(name.clone(), &self.guest_mem, device)?;
+        Ok((name, slot))
+    }
+
+    /// The first `<prefix><n>` no device uses.
+    fn free_name(&self, prefix: &str) -> String {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|n| !self.devices.virtio_devices().any(|(d, _)| d == n))
+            .unwrap_or_default()
     }
 
     /// Stops vCPU `id`'s thread and parks the vCPU (after the guest ejected it).
