@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::Stdio;
 
@@ -59,28 +59,10 @@ fn raw_terminal_passes_keys_and_ctrl_a_x_quits_and_restores_mode() {
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("atrium-guest: echo") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "guest output ended early: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stdout, &mut seen, "atrium-guest: echo");
     // In raw mode a key arrives at once, without a newline; the guest echoes it.
     master.write_all(b"k").unwrap();
-    while !String::from_utf8_lossy(&seen)
-        .split("atrium-guest: echo")
-        .nth(1)
-        .unwrap_or("")
-        .contains('k')
-    {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "echo never came: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stdout, &mut seen, "atrium-guest: echo\nk");
     assert_eq!(
         lflag(&slave) & libc::ICANON,
         0,

@@ -175,17 +175,7 @@ fn stops_on_signal(signal: i32) {
     // Wait until the guest says it is halting, by reading its serial output.
     let mut stdout = child.stdout.take().unwrap();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("atrium-guest: halting") {
-        use std::io::Read;
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "guest output ended early: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stdout, &mut seen, "atrium-guest: halting");
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, signal) };
     child.stdout = Some(stdout);

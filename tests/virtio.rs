@@ -206,13 +206,7 @@ fn a_second_vm_cannot_open_a_disk_in_use() {
     // Wait until the first VM runs (its disk is open and locked by then).
     let mut out = holder.stdout.take().unwrap();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("atrium-guest: halting") {
-        use std::io::Read;
-        let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "first VM ended early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut out, &mut seen, "atrium-guest: halting");
     let second = run_atrium(&["--kernel", &kernel, "--disk", &spec], GUEST_LIMIT);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(holder.id() as i32, libc::SIGTERM) };

@@ -153,3 +153,32 @@ pub fn smp_summary(run: &Run) -> String {
     );
     lines[0].clone()
 }
+
+/// Reads `out` into `seen` until the text so far contains `needle` (panics if the output ends first).
+pub fn read_until(out: &mut impl std::io::Read, seen: &mut Vec<u8>, needle: &str) {
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let n = out.read(&mut buf).expect("read guest output");
+        assert!(
+            n > 0,
+            "output ended before '{needle}': {}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Moves the calling thread into a new, private network namespace (processes it starts inherit it). Returns false
+/// (after a loud skip message) where that is not allowed; under CI that is a failure.
+pub fn enter_private_netns() -> bool {
+    // SAFETY: unshare only changes this thread's network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        return true;
+    }
+    let e = std::io::Error::last_os_error();
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("cannot create a network namespace under CI: {e}");
+    }
+    eprintln!("SKIPPED: cannot create a network namespace: {e}");
+    false
+}
