@@ -5,7 +5,9 @@
 //! over a 1 GiB raw image. Each run issues operations for [`PHASE`] (at most one pass over the image), then waits for
 //! the ones in flight. Offsets come from a seeded bijection, so both paths issue the same operations in the same
 //! order and a random workload never touches a block twice. Every workload runs [`ROUNDS`] times per path, the
-//! order of the two paths alternating, and the median is reported: the bench shares a noisy machine.
+//! order of the two paths alternating, and the median is reported: the bench shares a noisy machine. Next to the
+//! throughput it reports the CPU time per operation of every thread involved (from each thread's `schedstat`),
+//! which moves much less with the machine's load than throughput does.
 //!
 //! Device path: a `Block` over a `RawFile`, activated on 256 MiB of guest memory with one 256-entry split queue and
 //! an interrupt that only counts. The driver, on this thread, writes three-descriptor chains (header, data, status)
@@ -76,7 +78,7 @@ const MAX_DEPTH: usize = 32;
 /// How long a run issues operations.
 const PHASE: Duration = Duration::from_millis(1000);
 /// Runs per workload and path.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// A device that completes nothing for this long is declared stuck.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// Fill byte of every block after its 8-byte stamp.
@@ -213,6 +215,11 @@ enum WaitMode {
 struct Run {
     ops: usize,
     elapsed: Duration,
+    /// CPU time of the threads doing the work: the I/O threads on the direct path, the driver thread on the
+    /// device path.
+    cpu: Duration,
+    /// CPU time of the device's own thread (device path only).
+    device_cpu: Duration,
     kicks: u64,
     interrupts: u64,
 }
@@ -220,6 +227,53 @@ struct Run {
 impl Run {
     fn per_second(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// CPU microseconds per operation, all threads together.
+    fn cpu_us_per_op(&self) -> f64 {
+        (self.cpu + self.device_cpu).as_secs_f64() * 1e6 / self.ops as f64
+    }
+}
+
+/// CPU time a thread has run, from its `schedstat` file under /proc (nanosecond resolution, unlike rusage ticks).
+fn thread_cpu(schedstat: &Path) -> Result<Duration> {
+    let text = std::fs::read_to_string(schedstat)?;
+    let nanos = text
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .ok_or("unreadable schedstat")?;
+    Ok(Duration::from_nanos(nanos))
+}
+
+/// CPU time of the calling thread.
+fn own_cpu() -> Result<Duration> {
+    thread_cpu(Path::new("/proc/thread-self/schedstat"))
+}
+
+/// The `schedstat` file of this process's thread named `name`; there must be exactly one. A new thread names itself
+/// once it runs, so this looks again for a while before giving up.
+fn named_thread_schedstat(name: &str) -> Result<PathBuf> {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task")? {
+            let task = task?.path();
+            // A thread that exited meanwhile has no comm any more.
+            if std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim_end() == name)
+            {
+                found.push(task.join("schedstat"));
+            }
+        }
+        match <[PathBuf; 1]>::try_from(found) {
+            Ok([path]) => return Ok(path),
+            Err(found) if found.is_empty() && Instant::now() < give_up => std::thread::yield_now(),
+            Err(found) => {
+                return Err(
+                    format!("expected one thread named {name}, found {}", found.len()).into(),
+                )
+            }
+        }
     }
 }
 
@@ -359,6 +413,7 @@ fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
     let template = vec![FILL; w.size as usize];
     if w.depth == 1 {
         let mut buf = template;
+        let cpu_start = own_cpu()?;
         let start = Instant::now();
         let mut ops = 0;
         for &offset in offsets {
@@ -368,9 +423,12 @@ fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
             direct_op(&file, w.kind, &mut buf, offset)?;
             ops += 1;
         }
+        let elapsed = start.elapsed();
         return Ok(Run {
             ops,
-            elapsed: start.elapsed(),
+            elapsed,
+            cpu: own_cpu()? - cpu_start,
+            device_cpu: Duration::ZERO,
             kicks: 0,
             interrupts: 0,
         });
@@ -383,15 +441,17 @@ fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
     let base = Instant::now();
     let first_start = AtomicU64::new(u64::MAX);
     let last_end = AtomicU64::new(0);
+    let cpu_nanos = AtomicU64::new(0);
     let nanos = |at: Instant| at.duration_since(base).as_nanos() as u64;
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..w.depth)
             .map(|_| {
                 let mut buf = template.clone();
                 let (file, next, done, barrier) = (&file, &next, &done, &barrier);
-                let (first_start, last_end) = (&first_start, &last_end);
+                let (first_start, last_end, cpu_nanos) = (&first_start, &last_end, &cpu_nanos);
                 scope.spawn(move || -> Result<()> {
                     barrier.wait();
+                    let cpu_start = own_cpu()?;
                     let started = nanos(Instant::now());
                     let first = first_start
                         .fetch_min(started, Ordering::Relaxed)
@@ -411,6 +471,8 @@ fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
                         done.fetch_add(1, Ordering::Relaxed);
                     };
                     last_end.fetch_max(nanos(Instant::now()), Ordering::Relaxed);
+                    let cpu = own_cpu()? - cpu_start;
+                    cpu_nanos.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
                     result
                 })
             })
@@ -429,6 +491,8 @@ fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
         result.map(|()| Run {
             ops: done.load(Ordering::Relaxed),
             elapsed,
+            cpu: Duration::from_nanos(cpu_nanos.load(Ordering::Relaxed)),
+            device_cpu: Duration::ZERO,
             kicks: 0,
             interrupts: 0,
         })
@@ -675,6 +739,9 @@ fn run_device(
         Kind::Read => w.size as u32 + 1,
         Kind::Write => 1,
     };
+    let device_thread = named_thread_schedstat("virtio-blk")?;
+    let device_cpu_start = thread_cpu(&device_thread)?;
+    let cpu_start = own_cpu()?;
     let start = Instant::now();
     let mut issued = 0usize;
     let mut completed = 0usize;
@@ -754,6 +821,8 @@ fn run_device(
         }
     }
     let elapsed = start.elapsed();
+    let cpu = own_cpu()? - cpu_start;
+    let device_cpu = thread_cpu(&device_thread)? - device_cpu_start;
     let kicks = driver.kicks;
     drop(guard);
     if block.reset().is_none() {
@@ -762,6 +831,8 @@ fn run_device(
     Ok(Run {
         ops: completed,
         elapsed,
+        cpu,
+        device_cpu,
         kicks,
         interrupts: interrupt.count.load(Ordering::Relaxed),
     })
@@ -824,6 +895,21 @@ fn report(w: &Workload, direct: &[Run], device: &[Run]) -> Value {
     entry.insert(
         "direct_mean_latency_us".into(),
         json!(latency_us(direct_rate / scale)),
+    );
+    let cpu = |runs: &[Run]| -> Vec<f64> {
+        runs.iter()
+            .map(|run| round(run.cpu_us_per_op(), 2))
+            .collect()
+    };
+    entry.insert("device_cpu_us_per_op".into(), json!(median(&cpu(device))));
+    entry.insert("direct_cpu_us_per_op".into(), json!(median(&cpu(direct))));
+    let device_thread: Vec<f64> = device
+        .iter()
+        .map(|run| run.device_cpu.as_secs_f64() * 1e6 / run.ops as f64)
+        .collect();
+    entry.insert(
+        "device_thread_cpu_us_per_op".into(),
+        json!(round(median(&device_thread), 2)),
     );
     let ops: usize = device.iter().map(|run| run.ops).sum();
     let per_op = |count: u64| round(count as f64 / ops as f64, 3);
@@ -916,7 +1002,7 @@ fn main() -> Result<()> {
             "direct_qd32": "32 threads doing pread/pwrite (no io_uring)",
             "phase_ms": PHASE.as_millis(),
             "rounds": ROUNDS,
-            "reported": "median over rounds; ratio = device / direct",
+            "reported": "median over rounds; ratio = device / direct; cpu_us_per_op = CPU time of every thread involved (device path: driver and device threads) per operation, from /proc schedstat",
             "load_average_before": load_before,
             "load_average_after": load_average(),
             "image_create_s": round(create_s, 2),
