@@ -14,6 +14,7 @@ pub mod bus;
 pub mod cmos;
 pub mod cpu_hotplug;
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod ged;
 pub mod hotplug;
 pub mod i8042;
@@ -29,6 +30,7 @@ mod host_time;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use cpu_hotplug::CpuHotplugController;
+pub use fw_cfg::{FwCfg, FwCfgError, GuestMemoryAccess};
 pub use ged::{Ged, GedEvent};
 pub use interrupt::{InterruptLine, MsiMessage, MsiSender};
 pub use memory_hotplug::MemoryHotplugController;
