@@ -477,6 +477,9 @@ mod tests {
     use super::test_util::*;
     use super::*;
 
+    /// The DMA error bit, as the guest sees it in the control word.
+    const CTL_ERROR_BIT: u32 = 1;
+
     fn device() -> FwCfg {
         FwCfg::new(TestMemory::new(0x1000))
     }
@@ -673,5 +676,101 @@ mod tests {
         let mut b = [0u8];
         other.read(REG_DATA, &mut b);
         assert_eq!(b, *b"M");
+    }
+
+    #[test]
+    fn firmware_sequence_through_the_bus() {
+        let bus = crate::Bus::new();
+        let fw = Arc::new(std::sync::Mutex::new(device()));
+        fw.lock().unwrap().set_cpus(4, 4);
+        bus.insert(fw.clone(), u64::from(FW_CFG_PORT), FW_CFG_PORT_LEN)
+            .unwrap();
+        assert!(bus.write(0x510, &FW_CFG_NB_CPUS.to_le_bytes()));
+        let mut cpus = [0u8; 2];
+        for b in cpus.iter_mut() {
+            let mut one = [0u8];
+            assert!(bus.read(0x511, &mut one));
+            *b = one[0];
+        }
+        assert_eq!(u16::from_le_bytes(cpus), 4);
+        let mut sig = [0u8; 4];
+        assert!(bus.read(0x514, &mut sig));
+        assert_eq!(&sig, b"QEMU");
+        assert!(!bus.read(0x51c, &mut sig[..1]));
+    }
+
+    /// A small xorshift generator: reproducible, no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn random_accesses_never_panic() {
+        const MEM: u64 = 0x2000;
+        let mem = TestMemory::new(MEM as usize);
+        let mut fw = FwCfg::new(mem.clone());
+        fw.set_cpus(1, 2);
+        fw.add_file("etc/a", vec![0x5a; 300]).unwrap();
+        fw.add_file("etc/b", vec![]).unwrap();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            match rng.below(4) {
+                // Any register access of any width, including past the range.
+                0 => {
+                    let offset = rng.below(16);
+                    let mut buf = vec![0u8; rng.below(9) as usize];
+                    fw.read(offset, &mut buf);
+                }
+                1 => {
+                    let offset = rng.below(16);
+                    let len = rng.below(9) as usize;
+                    let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    fw.write(offset, &data);
+                }
+                // A DMA descriptor with random fields, placed anywhere (sometimes straddling the end of RAM).
+                _ => {
+                    let at = rng.below(MEM + 32) & !3;
+                    let control = match rng.below(3) {
+                        0 => rng.next() as u32,
+                        _ => (rng.below(0x30) as u32) << 16 | rng.below(0x20) as u32,
+                    };
+                    let length = match rng.below(3) {
+                        0 => rng.next() as u32,
+                        _ => rng.below(0x400) as u32,
+                    };
+                    let address = match rng.below(3) {
+                        0 => rng.next(),
+                        _ => rng.below(MEM + 0x100),
+                    };
+                    let mut d = control.to_be_bytes().to_vec();
+                    d.extend_from_slice(&length.to_be_bytes());
+                    d.extend_from_slice(&address.to_be_bytes());
+                    let in_ram = at + 16 <= MEM;
+                    if in_ram {
+                        mem.put(at, &d);
+                    }
+                    fw.write(REG_DMA_HIGH, &0u32.to_be_bytes());
+                    fw.write(REG_DMA_LOW, &(at as u32).to_be_bytes());
+                    if in_ram {
+                        let status = u32::from_be_bytes(mem.bytes(at, 4).try_into().unwrap());
+                        assert!(status == 0 || status == CTL_ERROR_BIT, "status {status:#x}");
+                    }
+                }
+            }
+            let state = fw.state();
+            assert_eq!(state.selector & SELECTOR_WRITE, 0);
+            let len = fw.item(state.selector).map_or(0, <[u8]>::len);
+            assert!(state.offset as usize <= len, "offset past the item end");
+        }
     }
 }
