@@ -15,7 +15,9 @@
 //!   debug-exit=0` runs them in order and ends with the last item (power off after a device action). Their lines
 //!   (`pci: ...`, `virtio: ...`, `blk: ...`, `bad: ...`, `rng: ...`, `console: ...`, `net: ...`) are defined at
 //!   the top of `guests/asm/pci.inc`, `virtio.inc` and `virtio_*.inc`; `tests/qemu_virtio.rs` runs them against
-//!   QEMU's devices.
+//!   QEMU's devices. `vsock-connect=<port>` and `vsock-listen=<port>` drive a virtio-vsock device (connect to the
+//!   host's port and print its reply line, or accept a connection and echo a line back); their `vsock: ...` lines
+//!   are defined at the top of `guests/asm/virtio_vsock.inc`.
 //! - `hotplug` routes the GED's IOAPIC pin, prints `hotplug: ready` and then handles GED interrupts by speaking
 //!   the CPU, PCI and memory hotplug controllers' registers directly (the guests run no AML): `ged: ...`,
 //!   `cpuhp: ...`, `pcihp: ...` (with the usual `virtio:` / `blk:` lines for a hot-added virtio-blk device),

@@ -2,13 +2,15 @@
 //!
 //! Each test boots the PVH report guest with `action=...,debug-exit=0` and checks the lines the guest prints
 //! (grammar in `guests/asm/pci.inc`, `virtio.inc` and `virtio_*.inc`). The tests are skipped, loudly, when
-//! `qemu-system-x86_64` or `/dev/kvm` is missing.
+//! `qemu-system-x86_64` or `/dev/kvm` is missing. The vsock test also needs the rust-vmm vhost-user backend
+//! `vhost-device-vsock` (on `PATH`, or named by `VHOST_DEVICE_VSOCK`) and is skipped, loudly, without it.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, UdpSocket};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's exit status for `debug-exit=0`: (0 << 1) | 1.
@@ -474,4 +476,194 @@ fn port_io_polling_and_high_bars_work_too() {
         std::fs::read(Path::new(&d1.0)).unwrap()[512..512 + 4096],
         pattern(0)[..]
     );
+}
+
+#[test]
+fn vsock_actions_without_a_device_say_so_and_check_the_port() {
+    if !qemu_available() {
+        return;
+    }
+    let run = run(
+        "q35",
+        "action=vsock-connect=1234,vsock-listen=80x,vsock-connect=4294967295,vsock-listen=,debug-exit=0",
+        &[],
+    );
+    assert_eq!(run.code, Some(DEBUG_EXIT_0), "{}", run.serial);
+    assert_eq!(run.lines("vsock: none").len(), 1, "{}", run.serial);
+    assert_eq!(
+        run.lines("vsock: bad port (want 0..4294967294)").len(),
+        3,
+        "{}",
+        run.serial
+    );
+}
+
+/// The vhost-user vsock backend, if installed.
+fn vhost_device_vsock() -> Option<PathBuf> {
+    let program = std::env::var_os("VHOST_DEVICE_VSOCK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("vhost-device-vsock"));
+    let found = Command::new(&program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!(
+            "SKIPPED: needs vhost-device-vsock (cargo install vhost-device-vsock, or set VHOST_DEVICE_VSOCK)"
+        );
+    }
+    found.then_some(program)
+}
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A scratch directory removed on drop.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads one line (through the newline) from a byte stream.
+fn read_line(stream: &mut impl Read) -> Vec<u8> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).unwrap_or(0) == 1 {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    line
+}
+
+/// Connects to the guest's vsock `port` through the backend's hybrid socket (`CONNECT <port>\n`, answered
+/// `OK <host port>\n`), trying again until the guest listens: before that the connection is refused or reset.
+fn connect_to_guest(uds: &Path, port: u32) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(RUN_LIMIT_SECONDS);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never accepted vsock port {port}"
+        );
+        if let Ok(mut stream) = UnixStream::connect(uds) {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(RUN_LIMIT_SECONDS)))
+                .unwrap();
+            if stream
+                .write_all(format!("CONNECT {port}\n").as_bytes())
+                .is_ok()
+                && read_line(&mut stream).starts_with(b"OK ")
+            {
+                return stream;
+            }
+        }
+        // Polling interval between attempts, not a timed assertion.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn vsock_listens_echoes_and_connects_through_a_vhost_user_device() {
+    if !qemu_available() {
+        return;
+    }
+    let Some(backend) = vhost_device_vsock() else {
+        return;
+    };
+    let dir = ScratchDir(std::env::temp_dir().join(format!("atrium-vsock-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let vhost = dir.0.join("vhost.sock");
+    let uds = dir.0.join("vm.vsock");
+
+    // The host side of `vsock-connect=1234`: the backend connects to `<uds>_1234`; reply with one line.
+    let listener = UnixListener::bind(dir.0.join("vm.vsock_1234")).unwrap();
+    let host_server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(RUN_LIMIT_SECONDS)))
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut hello = String::new();
+        reader.read_line(&mut hello).unwrap();
+        let mut stream = reader.into_inner();
+        stream.write_all(b"hello guest, from the host\n").unwrap();
+        // The guest shuts the connection down: end of stream.
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        (hello, rest)
+    });
+
+    let _backend = Killed(
+        Command::new(backend)
+            .args(["--guest-cid", "5", "--socket"])
+            .arg(&vhost)
+            .arg("--uds-path")
+            .arg(&uds)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !vhost.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(RUN_LIMIT_SECONDS),
+            "no backend socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The host side of `vsock-listen=5000`: one line, echoed back.
+    let uds_client = uds.clone();
+    let host_client = std::thread::spawn(move || {
+        let mut stream = connect_to_guest(&uds_client, 5000);
+        stream.write_all(b"ping from the host\n").unwrap();
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).unwrap();
+        echoed
+    });
+
+    let chardev = format!("socket,id=vc,path={}", vhost.display());
+    let run = run(
+        "q35",
+        "action=vsock-listen=5000,vsock-connect=1234,debug-exit=0",
+        &[
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-machine",
+            "memory-backend=mem",
+            "-chardev",
+            &chardev,
+            "-device",
+            "vhost-user-vsock-pci,chardev=vc",
+        ],
+    );
+    assert_eq!(run.code, Some(DEBUG_EXIT_0), "{}", run.serial);
+
+    let listen = run.line("vsock: listen=5000 peer=");
+    assert!(listen.starts_with("2:"), "{listen}");
+    assert!(listen.ends_with(" got=ping from the host"), "{listen}");
+    assert_eq!(host_client.join().unwrap(), b"echo:ping from the host\n");
+
+    assert!(
+        run.has("vsock: cid=5 connect=1234 result=ok reply=hello guest, from the host"),
+        "{}",
+        run.serial
+    );
+    let (hello, rest) = host_server.join().unwrap();
+    assert_eq!(hello, "hello from the guest over vsock\n");
+    assert!(rest.is_empty(), "{rest:?}");
 }
