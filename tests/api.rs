@@ -505,3 +505,31 @@ fn add_net_creates_a_tap_and_remove_device_deletes_it() {
     });
     worker.join().expect("network test thread");
 }
+
+#[test]
+fn resize_memory_adds_an_acpi_memory_device_the_guest_uses() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vmm = Vmm::boot_guest(
+        "api-memory",
+        "hotplug",
+        &["--memory", "size=256M,hotplug_size=512M"],
+    );
+    vmm.wait_line("hotplug: ready");
+    vmm.remote_ok(&["resize", "--memory", "512M"]);
+    let line = vmm.wait_line("memhp: slot 0 ");
+    assert!(line.ends_with("size=0x10000000 verify=ok"), "{line}");
+    assert_eq!(vmm.json(&["info"])["memory_actual_size"], 512u64 << 20);
+    // Beyond hotplug_size, not in 128 MiB steps, or shrinking: refused, and nothing changes.
+    for bad in ["2G", "600M", "256M"] {
+        let out = vmm.remote(&["resize", "--memory", bad]);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("HTTP 400"),
+            "{bad}: {out:?}"
+        );
+    }
+    assert_eq!(vmm.json(&["info"])["memory_actual_size"], 512u64 << 20);
+    vmm.remote_ok(&["power-button"]);
+    assert_eq!(vmm.wait_exit(), 0);
+}

@@ -119,18 +119,21 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> (ApiResponse, Option<Next>) {
             _ => wrong_state(vmm, "press the power button"),
         },
         ApiRequest::VmResize(resize) => {
-            if resize.desired_ram.is_some() {
-                return (
-                    error(
-                        501,
-                        "memory resizing is not implemented yet; resize vCPUs only",
-                    ),
-                    None,
-                );
+            if let Some(ram) = resize.desired_ram {
+                let response = match (&mut vmm.vm, vmm.state) {
+                    (Some(vm), VmState::Running) => match vm.resize_memory(ram) {
+                        Ok(()) => ApiResponse::Done,
+                        Err(e) => error(400, e),
+                    },
+                    _ => wrong_state(vmm, "resize"),
+                };
+                if !matches!(response, ApiResponse::Done) || resize.desired_vcpus.is_none() {
+                    return (response, None);
+                }
             }
             match resize.desired_vcpus {
                 Some(n) => resize_vcpus(vmm, n),
-                None => error(400, "give desired_vcpus"),
+                None => error(400, "give desired_vcpus or desired_ram"),
             }
         }
         ApiRequest::VmAddDisk(disk) => match (&mut vmm.vm, vmm.state) {

@@ -119,6 +119,8 @@ pub struct DeviceSetup {
     pub cpus: (u32, u32),
     /// Signalled when the guest ejects a CPU or a PCI device.
     pub eject_event: EventFd,
+    /// ACPI memory hotplug slots (0: no memory hotplug controller).
+    pub memory_slots: u32,
 }
 
 /// The VM's devices and buses.
@@ -133,6 +135,7 @@ pub struct DeviceManager {
     ged: Arc<Mutex<Ged>>,
     cpu_hotplug: Arc<Mutex<CpuHotplugController>>,
     pci_hotplug: Arc<Mutex<PciHotplugController>>,
+    memory_hotplug: Option<Arc<Mutex<devices::MemoryHotplugController>>>,
     virtio: Vec<(String, VirtioPciHandle)>,
     vm: Arc<dyn Vm>,
     /// Devices kept alive here; the buses hold weak references.
@@ -239,6 +242,22 @@ impl DeviceManager {
             "PCI hotplug controller",
         )?;
 
+        let memory_hotplug = if setup.memory_slots > 0 {
+            let controller = devices::MemoryHotplugController::new(setup.memory_slots)
+                .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+            let controller = Arc::new(Mutex::new(controller));
+            place(
+                &mmio_bus,
+                controller.clone(),
+                arch::layout::MEMORY_HOTPLUG_START,
+                arch::layout::MEMORY_HOTPLUG_SIZE,
+                "memory hotplug controller",
+            )?;
+            Some(controller)
+        } else {
+            None
+        };
+
         // PCI segment 0: host bridge, configuration mechanism #1 and ECAM; devices come later.
         let pci = PciSegment::new(&io_bus, &mmio_bus, setup.mem_below_4g + setup.mem_above_4g)?;
 
@@ -253,6 +272,7 @@ impl DeviceManager {
             ged,
             cpu_hotplug,
             pci_hotplug,
+            memory_hotplug,
             virtio: Vec::new(),
             vm: vm.clone(),
             others,
@@ -387,6 +407,20 @@ impl DeviceManager {
     /// CPUs the guest has ejected.
     pub fn take_ejected_cpus(&self) -> Vec<u32> {
         lock(&self.cpu_hotplug).take_ejected()
+    }
+
+    /// Tells the guest `len` bytes of memory at `base` were added in hotplug slot `slot`.
+    pub fn memory_added(&self, slot: u32, base: u64, len: u64) -> Result<(), DeviceError> {
+        let Some(controller) = &self.memory_hotplug else {
+            return Err(DeviceError::Hotplug(
+                "this VM has no memory hotplug; start it with --memory hotplug_size=".into(),
+            ));
+        };
+        lock(controller)
+            .insert(slot, base, len)
+            .map_err(|e| DeviceError::Hotplug(e.to_string()))?;
+        self.notify(GedEvent::MemoryHotplug);
+        Ok(())
     }
 
     /// Presses the ACPI power button.

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use hypervisor::{MemoryRegion, Vm};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
 /// Errors setting up guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +17,16 @@ pub enum MemoryError {
         /// Requested size in MiB.
         size: u64,
         /// What the allocator said.
+        reason: String,
+    },
+    /// The hot-added range is not usable.
+    #[error("cannot hot-add {size:#x} bytes at {base:#x}: {reason}")]
+    Hotplug {
+        /// Base address.
+        base: u64,
+        /// Size.
+        size: u64,
+        /// Why.
         reason: String,
     },
     /// The hypervisor refused a memory slot.
@@ -66,6 +79,42 @@ impl MemoryManager {
             unsafe { vm.set_memory_region(region) }.map_err(MemoryError::Register)?;
         }
         Ok(manager)
+    }
+
+    /// Maps `size` more bytes of RAM at `base`, registers them with `vm`, and returns the enlarged memory map (for
+    /// devices that access guest memory).
+    pub fn hotplug(
+        &mut self,
+        vm: &Arc<dyn Vm>,
+        base: u64,
+        size: u64,
+    ) -> Result<GuestMemoryMmap, MemoryError> {
+        let bad = |reason: String| MemoryError::Hotplug { base, size, reason };
+        let len = usize::try_from(size).map_err(|e| bad(e.to_string()))?;
+        let region = GuestRegionMmap::from_range(GuestAddress(base), len, None)
+            .map_err(|e| bad(e.to_string()))?;
+        let host_addr = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map(|p| p as u64)
+            .map_err(|e| bad(e.to_string()))?;
+        let memory = self
+            .guest_memory
+            .insert_region(Arc::new(region))
+            .map_err(|e| bad(e.to_string()))?;
+        let slot = self.next_slot;
+        let mapping = MemoryRegion {
+            slot,
+            guest_addr: base,
+            size,
+            host_addr,
+            readonly: false,
+        };
+        // SAFETY: the mapping belongs to the region just inserted into `memory`, which replaces `guest_memory` below
+        // and so lives as long as the VM.
+        unsafe { vm.set_memory_region(mapping) }.map_err(MemoryError::Register)?;
+        self.next_slot += 1;
+        self.guest_memory = memory.clone();
+        Ok(memory)
     }
 
     /// The guest's RAM.

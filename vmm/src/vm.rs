@@ -62,6 +62,9 @@ pub struct Vm {
     parked_vcpus: Vec<(u32, Box<dyn Vcpu>)>,
     guest_mem: virtio_devices::GuestMemory,
     console_input: Option<virtio_devices::ConsoleInput>,
+    /// Hot-pluggable memory: where the area starts, how large it may grow, and what was added (slot, base, size).
+    memory_hotplug: (u64, u64, Vec<(u32, u64, u64)>),
+    memory_slots: u32,
     base_cpuid: Vec<hypervisor::x86_64::CpuIdEntry>,
     max_vcpus: u32,
     devices: DeviceManager,
@@ -99,6 +102,11 @@ impl Vm {
 
         // 4. Devices.
         let ram = memory.ram_size();
+        let memory_slots = if config.memory.hotplug_size > 0 {
+            MEMORY_HOTPLUG_SLOTS
+        } else {
+            0
+        };
         let below_4g = ram.min(arch::layout::MEM_32BIT_GAP_START);
         let devices = DeviceManager::new(
             &vm,
@@ -110,6 +118,7 @@ impl Vm {
                 cmos_state,
                 debug_exit: config.debug_exit,
                 cpus: (config.cpus.boot_vcpus, config.cpus.max_vcpus),
+                memory_slots,
                 eject_event: eject_event
                     .try_clone()
                     .map_err(|e| BuildError::BootTables(e.to_string()))?,
@@ -158,7 +167,7 @@ impl Vm {
             }
             Err(e) => return Err(BuildError::BootTables(e.to_string())),
         }
-        let rsdp = arch::acpi::create_acpi_tables(mem, boot_cpus, max_cpus, ram, 0)
+        let rsdp = arch::acpi::create_acpi_tables(mem, boot_cpus, max_cpus, ram, memory_slots)
             .map_err(|e| BuildError::BootTables(e.to_string()))?;
 
         // 7. Boot parameters (zero page or PVH start info).
@@ -211,6 +220,12 @@ impl Vm {
             parked_vcpus: Vec::new(),
             guest_mem,
             console_input,
+            memory_hotplug: (
+                memory_hotplug_base(ram),
+                config.memory.hotplug_size,
+                Vec::new(),
+            ),
+            memory_slots,
             base_cpuid,
             max_vcpus: max_cpus,
             devices,
@@ -287,6 +302,51 @@ impl Vm {
             .devices
             .hotplug_virtio(name.clone(), &self.guest_mem, block)?;
         Ok((name, slot))
+    }
+
+    /// Grows guest RAM to `desired` bytes by adding one ACPI memory device (shrinking is not supported yet).
+    pub fn resize_memory(&mut self, desired: u64) -> Result<(), String> {
+        let current = self._memory.ram_size();
+        if desired == current {
+            return Ok(());
+        }
+        if desired < current {
+            return Err(format!(
+                "desired_ram={desired} is below the current {current}; removing memory is not supported yet"
+            ));
+        }
+        let delta = desired - current;
+        let (area_base, area_size, added) = &self.memory_hotplug;
+        let used: u64 = added.iter().map(|(_, _, size)| size).sum();
+        if !delta.is_multiple_of(crate::config::MEMORY_HOTPLUG_ALIGNMENT) {
+            return Err(format!(
+                "desired_ram must grow memory in multiples of 128 MiB (asked for {delta} more bytes)"
+            ));
+        }
+        if used + delta > *area_size {
+            return Err(format!(
+                "desired_ram={desired} needs {delta} more bytes but only {} of hotplug_size are left",
+                area_size - used
+            ));
+        }
+        let slot = added.len() as u32;
+        if slot >= self.memory_slots {
+            return Err("every memory hotplug slot is in use".to_string());
+        }
+        let base = area_base + used;
+        let memory = self
+            ._memory
+            .hotplug(&self._vm, base, delta)
+            .map_err(|e| e.to_string())?;
+        // Devices doing DMA see the new memory from now on.
+        match self.guest_mem.lock() {
+            Ok(guard) => guard.replace(memory),
+            Err(_) => return Err("guest memory map lock poisoned".to_string()),
+        }
+        self.memory_hotplug.2.push((slot, base, delta));
+        self.devices
+            .memory_added(slot, base, delta)
+            .map_err(|e| e.to_string())
     }
 
     /// Hot-adds a network device on a tap. Returns its name and slot.
@@ -391,6 +451,15 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// ACPI memory hotplug slots when `hotplug_size` is set.
+const MEMORY_HOTPLUG_SLOTS: u32 = 8;
+
+/// Hot-added memory goes above the PCI 64-bit window, so neither has to move when the other grows.
+fn memory_hotplug_base(ram: u64) -> u64 {
+    let (window, size) = arch::layout::pci_mmio64_window(ram);
+    window + size
 }
 
 /// A virtio-net device on the tap `net` names (or a new one).

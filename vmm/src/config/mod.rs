@@ -25,7 +25,9 @@ pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 const CPUS_OPTION: &str = "--cpus";
 const CPUS_KEYS: &[&str] = &["boot", "max"];
 const MEMORY_OPTION: &str = "--memory";
-const MEMORY_KEYS: &[&str] = &["size"];
+const MEMORY_KEYS: &[&str] = &["size", "hotplug_method", "hotplug_size"];
+/// Hot-added memory comes in multiples of this (Linux's memory block size on x86_64).
+pub const MEMORY_HOTPLUG_ALIGNMENT: u64 = 128 << 20;
 const SERIAL_MODES: &str = "tty, file=PATH, socket=PATH, null, off";
 
 /// A configuration that cannot be used. Each message is one line naming the option, what is wrong and what to do.
@@ -449,12 +451,31 @@ impl CpusConfig {
 pub struct MemoryConfig {
     /// Size in bytes.
     pub size: u64,
+    /// How much memory can be hot-added (bytes; 0: none).
+    #[serde(default)]
+    pub hotplug_size: u64,
+    /// How memory is hot-added.
+    #[serde(default)]
+    pub hotplug_method: HotplugMethod,
+}
+
+/// How memory is hot-added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HotplugMethod {
+    /// ACPI memory devices announced through the GED.
+    #[default]
+    Acpi,
+    /// A virtio-mem device.
+    VirtioMem,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
             size: DEFAULT_MEMORY_SIZE,
+            hotplug_size: 0,
+            hotplug_method: HotplugMethod::Acpi,
         }
     }
 }
@@ -468,13 +489,49 @@ impl MemoryConfig {
             Some(value) => parse_size(value)?,
             None => DEFAULT_MEMORY_SIZE,
         };
-        let memory = MemoryConfig { size };
+        let hotplug_size = match pairs.get("hotplug_size") {
+            Some(value) => parse_size(value)?,
+            None => 0,
+        };
+        let hotplug_method = match pairs.get("hotplug_method") {
+            None | Some("acpi") => HotplugMethod::Acpi,
+            Some("virtio-mem") => HotplugMethod::VirtioMem,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    option: MEMORY_OPTION,
+                    key: "hotplug_method",
+                    value: other.to_string(),
+                    expected: "use acpi or virtio-mem",
+                })
+            }
+        };
+        let memory = MemoryConfig {
+            size,
+            hotplug_size,
+            hotplug_method,
+        };
         memory.validate()?;
         Ok(memory)
     }
 
-    /// At least [`MIN_MEMORY_SIZE`], in whole pages.
+    /// At least [`MIN_MEMORY_SIZE`], in whole pages; hot-pluggable memory in 128 MiB blocks, ACPI only for now.
     fn validate(&self) -> Result<(), ConfigError> {
+        if !self.hotplug_size.is_multiple_of(MEMORY_HOTPLUG_ALIGNMENT) {
+            return Err(ConfigError::InvalidValue {
+                option: MEMORY_OPTION,
+                key: "hotplug_size",
+                value: self.hotplug_size.to_string(),
+                expected: "use a multiple of 128M (the guest adds memory in 128 MiB blocks)",
+            });
+        }
+        if self.hotplug_size > 0 && self.hotplug_method == HotplugMethod::VirtioMem {
+            return Err(ConfigError::InvalidValue {
+                option: MEMORY_OPTION,
+                key: "hotplug_method",
+                value: "virtio-mem".to_string(),
+                expected: "virtio-mem is not implemented yet; use hotplug_method=acpi",
+            });
+        }
         if self.size < MIN_MEMORY_SIZE {
             return Err(ConfigError::MemoryTooSmall {
                 size: Size(self.size),

@@ -98,7 +98,7 @@ fn option_string_syntax_errors() {
     );
     assert_eq!(
         err(MemoryConfig::parse("sise=1G")),
-        "--memory: unknown key 'sise' (valid keys: size)"
+        "--memory: unknown key 'sise' (valid keys: size, hotplug_method, hotplug_size)"
     );
 }
 
@@ -171,7 +171,10 @@ fn memory_errors() {
 
 #[test]
 fn memory_against_host() {
-    let m = MemoryConfig { size: 1 << 40 };
+    let m = MemoryConfig {
+        size: 1 << 40,
+        ..MemoryConfig::default()
+    };
     assert_eq!(
         m.validate_against_host(Some(24 << 30))
             .unwrap_err()
@@ -413,7 +416,10 @@ fn validate_rechecks_every_field() {
 #[test]
 fn validate_uses_host_memory() {
     let c = VmConfig {
-        memory: MemoryConfig { size: 1 << 60 },
+        memory: MemoryConfig {
+            size: 1 << 60,
+            ..MemoryConfig::default()
+        },
         ..VmConfig::default()
     };
     let msg = err(c.validate());
@@ -434,7 +440,10 @@ fn json_round_trip() {
             boot_vcpus: 2,
             max_vcpus: 4,
         },
-        memory: MemoryConfig { size: 1 << 30 },
+        memory: MemoryConfig {
+            size: 1 << 30,
+            ..MemoryConfig::default()
+        },
         payload: PayloadConfig::new(
             Some("/boot/vmlinuz".into()),
             Some("/boot/initrd".into()),
@@ -489,4 +498,25 @@ fn serial_and_console_cannot_both_take_the_tty() {
         err(c.validate_against(None)),
         "--serial tty and --console tty cannot share the terminal; use --serial null (or off) with --console tty"
     );
+}
+
+#[test]
+fn memory_hotplug_options() {
+    let m = MemoryConfig::parse("size=1G,hotplug_method=acpi,hotplug_size=7G").unwrap();
+    assert_eq!(
+        (m.size, m.hotplug_size, m.hotplug_method),
+        (1 << 30, 7 << 30, HotplugMethod::Acpi)
+    );
+    assert_eq!(
+        err(MemoryConfig::parse("size=1G,hotplug_size=100M")),
+        "--memory hotplug_size=104857600: use a multiple of 128M (the guest adds memory in 128 MiB blocks)"
+    );
+    assert_eq!(
+        err(MemoryConfig::parse("size=1G,hotplug_method=dimm")),
+        "--memory hotplug_method=dimm: use acpi or virtio-mem"
+    );
+    assert!(err(MemoryConfig::parse(
+        "size=1G,hotplug_method=virtio-mem,hotplug_size=1G"
+    ))
+    .contains("not implemented yet"));
 }
