@@ -40,6 +40,8 @@ pub enum VirtioDeviceType {
     Console,
     /// Entropy source (type 4).
     Rng,
+    /// Socket device (type 19).
+    Vsock,
 }
 
 impl VirtioDeviceType {
@@ -50,6 +52,7 @@ impl VirtioDeviceType {
             Self::Block => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
             Self::Console => virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE,
             Self::Rng => virtio_bindings::virtio_ids::VIRTIO_ID_RNG,
+            Self::Vsock => virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK,
         }
     }
 }
@@ -187,5 +190,6 @@ mod tests {
         assert_eq!(VirtioDeviceType::Block.id(), 2);
         assert_eq!(VirtioDeviceType::Console.id(), 3);
         assert_eq!(VirtioDeviceType::Rng.id(), 4);
+        assert_eq!(VirtioDeviceType::Vsock.id(), 19);
     }
 }

@@ -25,6 +25,7 @@ mod net;
 mod rng;
 mod tap;
 mod transport;
+mod vsock;
 mod worker;
 
 #[cfg(test)]
@@ -55,4 +56,8 @@ pub use transport::{
     DEVICE_CONFIG_OFFSET, ISR_OFFSET, MAX_QUEUES, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET,
     NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID,
+};
+pub use vsock::{
+    Vsock, VsockError, VSOCK_CONN_BUF_SIZE, VSOCK_FIRST_HOST_PORT, VSOCK_MAX_CONNECTIONS,
+    VSOCK_QUEUE_SIZE,
 };

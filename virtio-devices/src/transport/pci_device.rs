@@ -157,6 +157,8 @@ fn class_code(device_type: VirtioDeviceType) -> PciClassCode {
         // Simple communication, other.
         VirtioDeviceType::Console => PciClassCode::new(0x07, 0x80, 0x00),
         VirtioDeviceType::Rng => PciClassCode::OTHER,
+        // Simple communication, other.
+        VirtioDeviceType::Vsock => PciClassCode::new(0x07, 0x80, 0x00),
     }
 }
 
