@@ -605,3 +605,23 @@ fn hostile_packets_are_dropped_or_reset() {
     assert_eq!(read_exact(&mut host.try_clone().unwrap(), 2), b"ok");
     host.write_all(b"!").unwrap();
 }
+
+#[test]
+fn unusable_receive_buffers_are_returned_empty() {
+    let mut rig = Rig::new();
+    // Driver-readable, and too short for a header: both come back with nothing written.
+    let readable = rig.buffer(RX_BUF);
+    rig.rx.add(&[(readable, RX_BUF, false)]);
+    let short = rig.buffer(RX_BUF);
+    rig.rx.add(&[(short, 20, true)]);
+    rig.post_rx(1);
+    rig.send(header(Op::Request, 11, 77, 0), &[]);
+    while rig.rx.used_idx() < 3 {
+        assert_ne!(next_report(&rig.reports), Reported::NeedsReset);
+    }
+    assert_eq!(rig.rx.used(0).1, 0);
+    assert_eq!(rig.rx.used(1).1, 0);
+    rig.rx_seen = 2;
+    let (rst, _) = rig.expect(Op::Rst);
+    assert_eq!(rst.dst_port, 11);
+}
