@@ -6,7 +6,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, Parser, ValueEnum};
 use vmm::config::{
     ConfigError, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RngConfig, TripleFaultAction, VmConfig,
+    RngConfig, TripleFaultAction, VmConfig, VsockConfig,
 };
 use vmm::Outcome;
 
@@ -86,6 +86,9 @@ struct Cli {
     /// The virtio console (hvc0): off, null, tty, file=PATH or socket=PATH [default: off]
     #[arg(long, value_name = "MODE")]
     console: Option<String>,
+    /// A virtio-vsock device: guest port N connects to SOCKET_N; host programs connect to SOCKET and write "CONNECT N\n"
+    #[arg(long, value_name = "cid=N,socket=PATH[,id=NAME]")]
+    vsock: Option<String>,
     /// A virtio entropy device (bytes from getrandom, or from src=PATH)
     #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
@@ -130,6 +133,7 @@ impl Cli {
                 .map(|d| DiskConfig::parse(d))
                 .collect::<Result<_, _>>()?,
             rng: self.rng.as_deref().map(RngConfig::parse).transpose()?,
+            vsock: self.vsock.as_deref().map(VsockConfig::parse).transpose()?,
             nets: self
                 .net
                 .iter()

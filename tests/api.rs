@@ -533,3 +533,28 @@ fn resize_memory_adds_an_acpi_memory_device_the_guest_uses() {
     vmm.remote_ok(&["power-button"]);
     assert_eq!(vmm.wait_exit(), 0);
 }
+
+#[test]
+fn add_vsock_then_remove_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("api-vsock");
+    let socket = dir.join("hot.vsock");
+    let mut vmm = Vmm::boot_guest("api-vsock-vm", "hotplug", &[]);
+    vmm.wait_line("hotplug: ready");
+    let spec = format!("cid=5,socket={},id=vs0", socket.display());
+    vmm.remote_ok(&["add-vsock", &spec]);
+    vmm.wait_line("pcihp: slot 1 up 1af4:1053");
+    assert!(socket.exists(), "the host socket is not listening");
+    vmm.remote_ok(&["remove-device", "vs0"]);
+    vmm.wait_line("pcihp: slot 1 ejected");
+    let mut tries = 0;
+    while socket.exists() {
+        tries += 1;
+        assert!(tries < 500, "the vsock socket outlived its device");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vmm.remote_ok(&["power-button"]);
+    assert_eq!(vmm.wait_exit(), 0);
+}

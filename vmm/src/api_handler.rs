@@ -53,7 +53,7 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> (ApiResponse, Option<Next>) {
         ApiRequest::VmmPing => ApiResponse::Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
-            "features": ["pci", "virtio-blk", "virtio-net", "virtio-rng", "virtio-console", "qcow2", "acpi-hotplug"],
+            "features": ["pci", "virtio-blk", "virtio-net", "virtio-rng", "virtio-console", "virtio-vsock", "qcow2", "acpi-hotplug"],
         })),
         ApiRequest::VmmShutdown => {
             return (
@@ -154,7 +154,15 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> (ApiResponse, Option<Next>) {
             },
             _ => wrong_state(vmm, "add a network device"),
         },
-        ApiRequest::VmAddVsock(_) => error(501, "vsock devices are not implemented yet"),
+        ApiRequest::VmAddVsock(vsock) => match (&mut vmm.vm, vmm.state) {
+            (Some(vm), VmState::Running) => match vm.hotplug_vsock(&vsock) {
+                Ok((id, slot)) => {
+                    ApiResponse::Json(json!({"id": id, "bdf": format!("0000:00:{slot:02x}.0")}))
+                }
+                Err(e) => error(400, e.to_string()),
+            },
+            _ => wrong_state(vmm, "add a vsock device"),
+        },
         ApiRequest::VmRemoveDevice(remove) => match (&mut vmm.vm, vmm.state) {
             (Some(vm), VmState::Running) => match vm.devices_mut().request_unplug(&remove.id) {
                 Ok(true) => ApiResponse::Done,

@@ -53,6 +53,9 @@ pub enum BuildError {
     /// The virtio console.
     #[error("--console: {0}")]
     Console(String),
+    /// The vsock device.
+    #[error("--vsock: {0}")]
+    Vsock(String),
 }
 
 /// A built VM. Fields drop in order: vCPU threads are joined before devices, the KVM VM and guest memory go away.
@@ -144,6 +147,10 @@ impl Vm {
                 .map_err(|e| BuildError::Console(e.to_string()))?;
             console_input = Some(device.input());
             devices.add_virtio("console0".to_string(), &guest_mem, Box::new(device))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let name = vsock.id.clone().unwrap_or_else(|| "vsock0".to_string());
+            devices.add_virtio(name, &guest_mem, create_vsock(vsock)?)?;
         }
         if let Some(rng) = &config.rng {
             let source = if rng.src.as_os_str() == "/dev/urandom" {
@@ -365,6 +372,28 @@ impl Vm {
         Ok((name, slot))
     }
 
+    /// Hot-adds the vsock device. Returns its name and slot.
+    pub fn hotplug_vsock(
+        &mut self,
+        vsock: &crate::config::VsockConfig,
+    ) -> Result<(String, u8), BuildError> {
+        if self
+            .devices
+            .virtio_devices()
+            .any(|(n, _)| n.starts_with("vsock"))
+        {
+            return Err(BuildError::Vsock(
+                "the VM has a vsock device already; remove it first".into(),
+            ));
+        }
+        let name = vsock.id.clone().unwrap_or_else(|| self.free_name("vsock"));
+        let device = create_vsock(vsock)?;
+        let slot = self
+            .devices
+            .hotplug_virtio(name.clone(), &self.guest_mem, device)?;
+        Ok((name, slot))
+    }
+
     /// The first `<prefix><n>` no device uses.
     fn free_name(&self, prefix: &str) -> String {
         (0..)
@@ -451,6 +480,15 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// A virtio-vsock device whose host side is a Unix socket.
+fn create_vsock(
+    vsock: &crate::config::VsockConfig,
+) -> Result<Box<dyn virtio_devices::VirtioDevice>, BuildError> {
+    let device = virtio_devices::Vsock::new(u64::from(vsock.cid), &vsock.socket)
+        .map_err(|e| BuildError::Vsock(e.to_string()))?;
+    Ok(Box::new(device))
 }
 
 /// ACPI memory hotplug slots when `hotplug_size` is set.

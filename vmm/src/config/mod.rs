@@ -763,6 +763,9 @@ pub struct VmConfig {
     /// Network devices.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// The vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// The entropy device, if any.
     #[serde(default)]
     pub rng: Option<RngConfig>,

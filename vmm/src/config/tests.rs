@@ -457,6 +457,7 @@ fn json_round_trip() {
         console: Some(ConsoleOutputMode::Null),
         disks: vec![DiskConfig::parse("path=/d.img,readonly=on,id=d0").unwrap()],
         nets: vec![NetConfig::parse("tap=tap0,id=n0").unwrap()],
+        vsock: Some(VsockConfig::parse("cid=3,socket=/run/v.sock").unwrap()),
         rng: Some(RngConfig::default()),
     };
     let json = serde_json::to_string(&c).unwrap();
