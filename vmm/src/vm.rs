@@ -525,13 +525,23 @@ fn create_block(
 ) -> Result<Box<dyn virtio_devices::VirtioDevice>, BuildError> {
     let disk_err =
         |e: String| BuildError::Disk(format!("--disk path={}: {e}", disk.path.display()));
-    let format = match disk.format {
-        Some(DiskImageFormat::Raw) => virtio_devices::DiskFormat::Raw,
-        Some(DiskImageFormat::Qcow2) => virtio_devices::DiskFormat::Qcow2,
-        None => detect_disk_format(&disk.path).map_err(|e| disk_err(e.to_string()))?,
+    let backend: Arc<dyn virtio_devices::DiskBackend> = match disk.format {
+        Some(DiskImageFormat::Raw) => Arc::new(
+            virtio_devices::RawFile::open(&disk.path, disk.readonly)
+                .map_err(|e| disk_err(e.to_string()))?,
+        ),
+        // The operator said qcow2: its header (and so its backing chain) is theirs, not the guest's.
+        Some(DiskImageFormat::Qcow2) => Arc::new(
+            virtio_devices::Qcow2File::open_with_backing(&disk.path, disk.readonly)
+                .map_err(|e| disk_err(e.to_string()))?,
+        ),
+        // Detected: a raw image a guest wrote a qcow2 header into must not reach host files, so no backing chain.
+        None => {
+            let format = detect_disk_format(&disk.path).map_err(|e| disk_err(e.to_string()))?;
+            virtio_devices::open_disk(&disk.path, format, disk.readonly)
+                .map_err(|e| disk_err(e.to_string()))?
+        }
     };
-    let backend = virtio_devices::open_disk(&disk.path, format, disk.readonly)
-        .map_err(|e| disk_err(e.to_string()))?;
     let options = virtio_devices::BlockOptions {
         serial: disk.serial.clone().unwrap_or_default(),
         num_queues: disk.num_queues,

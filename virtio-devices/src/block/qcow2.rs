@@ -13,7 +13,10 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate,
+    StorageOpenOptions,
+};
 
 use super::backend::{open_locked, DiskBackend, DiskError};
 
@@ -36,8 +39,20 @@ impl std::fmt::Debug for Qcow2File {
 }
 
 impl Qcow2File {
-    /// Opens and locks a qcow2 image (exclusively for read-write, shared for read-only).
+    /// Opens and locks a qcow2 image (exclusively for read-write, shared for read-only). Backing files and external
+    /// data files are refused.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
+        Self::open_inner(path, read_only, false)
+    }
+
+    /// Like [`Qcow2File::open`], but also opens the backing chain the image header names (read-only). Only for
+    /// images whose format the operator stated: a header that came from a guest (a raw image probed as qcow2) must
+    /// never make the VMM open host files.
+    pub fn open_with_backing(path: &Path, read_only: bool) -> Result<Self, DiskError> {
+        Self::open_inner(path, read_only, true)
+    }
+
+    fn open_inner(path: &Path, read_only: bool, backing: bool) -> Result<Self, DiskError> {
         let file = open_locked(path, read_only)?;
         let format_error = |err: io::Error| DiskError::Format {
             path: path.to_path_buf(),
@@ -45,14 +60,21 @@ impl Qcow2File {
         };
         let options = StorageOpenOptions::new().filename(path).write(!read_only);
         let storage = ImagoFile::from_open_file(file, options).map_err(format_error)?;
-        let qcow2 = Qcow2::<ImagoFile>::builder(storage)
-            .write(!read_only)
-            .open(DenyImplicitOpenGate::default())
-            .map_err(|err| DiskError::Format {
+        let builder = Qcow2::<ImagoFile>::builder(storage).write(!read_only);
+        let opened = if backing {
+            builder.open(PermissiveImplicitOpenGate::default())
+        } else {
+            builder.open(DenyImplicitOpenGate::default())
+        };
+        let qcow2 = opened.map_err(|err| DiskError::Format {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "not a usable qcow2 image: {err} (backing files and external data files are not supported)"
-                ),
+                reason: if backing {
+                    format!("not a usable qcow2 image: {err}")
+                } else {
+                    format!(
+                        "not a usable qcow2 image: {err} (an image with a backing file needs an explicit format=qcow2)"
+                    )
+                },
             })?;
         let image = FormatAccess::new(qcow2);
         let size = image.size();

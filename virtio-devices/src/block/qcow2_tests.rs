@@ -196,7 +196,11 @@ fn backing_files_and_non_qcow2_files_are_refused() {
     let err = Qcow2File::open(overlay.as_path(), true).unwrap_err();
     assert!(matches!(err, DiskError::Format { .. }), "{err}");
     assert!(err.to_string().contains("denied"), "{err}");
-    assert!(err.to_string().contains("backing files"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("backing file needs an explicit format=qcow2"),
+        "{err}"
+    );
 
     let raw = TempFile::new().unwrap();
     std::fs::write(raw.as_path(), vec![0u8; 65536]).unwrap();
