@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::api::{ApiRequest, ApiResponse};
 use crate::control::{Next, VmState, Vmm};
+use crate::vm::{BuildError, Vm};
 use crate::{Error, Outcome};
 
 /// A request and where its answer goes.
@@ -136,33 +137,13 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> (ApiResponse, Option<Next>) {
                 None => error(400, "give desired_vcpus or desired_ram"),
             }
         }
-        ApiRequest::VmAddDisk(disk) => match (&mut vmm.vm, vmm.state) {
-            (Some(vm), VmState::Running) => match vm.hotplug_disk(&disk) {
-                Ok((id, slot)) => {
-                    ApiResponse::Json(json!({"id": id, "bdf": format!("0000:00:{slot:02x}.0")}))
-                }
-                Err(e) => error(400, e.to_string()),
-            },
-            _ => wrong_state(vmm, "add a disk"),
-        },
-        ApiRequest::VmAddNet(net) => match (&mut vmm.vm, vmm.state) {
-            (Some(vm), VmState::Running) => match vm.hotplug_net(&net) {
-                Ok((id, slot)) => {
-                    ApiResponse::Json(json!({"id": id, "bdf": format!("0000:00:{slot:02x}.0")}))
-                }
-                Err(e) => error(400, e.to_string()),
-            },
-            _ => wrong_state(vmm, "add a network device"),
-        },
-        ApiRequest::VmAddVsock(vsock) => match (&mut vmm.vm, vmm.state) {
-            (Some(vm), VmState::Running) => match vm.hotplug_vsock(&vsock) {
-                Ok((id, slot)) => {
-                    ApiResponse::Json(json!({"id": id, "bdf": format!("0000:00:{slot:02x}.0")}))
-                }
-                Err(e) => error(400, e.to_string()),
-            },
-            _ => wrong_state(vmm, "add a vsock device"),
-        },
+        ApiRequest::VmAddDisk(disk) => hot_add(vmm, "add a disk", |vm| vm.hotplug_disk(&disk)),
+        ApiRequest::VmAddNet(net) => {
+            hot_add(vmm, "add a network device", |vm| vm.hotplug_net(&net))
+        }
+        ApiRequest::VmAddVsock(vsock) => {
+            hot_add(vmm, "add a vsock device", |vm| vm.hotplug_vsock(&vsock))
+        }
         ApiRequest::VmRemoveDevice(remove) => match (&mut vmm.vm, vmm.state) {
             (Some(vm), VmState::Running) => match vm.devices_mut().request_unplug(&remove.id) {
                 Ok(true) => ApiResponse::Done,
@@ -176,6 +157,23 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> (ApiResponse, Option<Next>) {
         },
     };
     (response, None)
+}
+
+/// Hot-adds a device on a running VM with `add`, answering its id and PCI address.
+fn hot_add(
+    vmm: &mut Vmm,
+    action: &str,
+    add: impl FnOnce(&mut Vm) -> Result<(String, u8), BuildError>,
+) -> ApiResponse {
+    match (&mut vmm.vm, vmm.state) {
+        (Some(vm), VmState::Running) => match add(vm) {
+            Ok((id, slot)) => {
+                ApiResponse::Json(json!({"id": id, "bdf": format!("0000:00:{slot:02x}.0")}))
+            }
+            Err(e) => error(400, e.to_string()),
+        },
+        _ => wrong_state(vmm, action),
+    }
 }
 
 /// Grows or shrinks the running vCPUs to `desired` (between the boot and the maximum count).
