@@ -558,3 +558,28 @@ fn add_vsock_then_remove_it() {
     vmm.remote_ok(&["power-button"]);
     assert_eq!(vmm.wait_exit(), 0);
 }
+
+#[test]
+fn boot_devices_cannot_be_removed() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("api-boot-device");
+    let disk = dir.join("boot.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let spec = format!("path={},id=boot0,bootindex=0", disk.display());
+    let mut vmm = Vmm::boot_guest("api-boot-device-vm", "halt", &["--disk", &spec]);
+    vmm.wait_line("atrium-guest: halting");
+    let out = vmm.remote(&["remove-device", "boot0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HTTP 409") && stderr.contains("boot device"),
+        "{out:?}"
+    );
+    assert_eq!(
+        vmm.json(&["info"])["devices"].as_array().map(|d| d.len()),
+        Some(1)
+    );
+    vmm.remote_ok(&["shutdown-vmm"]);
+    assert_eq!(vmm.wait_exit(), 0);
+}

@@ -137,6 +137,8 @@ pub struct DeviceManager {
     pci_hotplug: Arc<Mutex<PciHotplugController>>,
     memory_hotplug: Option<Arc<Mutex<devices::MemoryHotplugController>>>,
     virtio: Vec<(String, VirtioPciHandle)>,
+    /// Devices the guest boots from (a `bootindex`): never hot-removed.
+    boot_devices: std::collections::BTreeSet<String>,
     vm: Arc<dyn Vm>,
     /// Devices kept alive here; the buses hold weak references.
     others: Vec<Arc<Mutex<dyn BusDevice>>>,
@@ -274,6 +276,7 @@ impl DeviceManager {
             pci_hotplug,
             memory_hotplug,
             virtio: Vec::new(),
+            boot_devices: Default::default(),
             vm: vm.clone(),
             others,
         })
@@ -357,8 +360,18 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Marks `name` as a device the guest boots from, so it cannot be hot-removed.
+    pub fn mark_boot_device(&mut self, name: &str) {
+        self.boot_devices.insert(name.to_string());
+    }
+
     /// Asks the guest to release the virtio device called `name`. Returns false if there is none.
     pub fn request_unplug(&mut self, name: &str) -> Result<bool, DeviceError> {
+        if self.boot_devices.contains(name) {
+            return Err(DeviceError::Hotplug(format!(
+                "'{name}' is a boot device (it has a bootindex); it cannot be removed from a running VM"
+            )));
+        }
         let Some((_, handle)) = self.virtio.iter().find(|(n, _)| n == name) else {
             return Ok(false);
         };

@@ -134,6 +134,9 @@ impl Vm {
         for (index, disk) in config.disks.iter().enumerate() {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
             let block = create_block(disk)?;
+            if disk.bootindex.is_some() {
+                devices.mark_boot_device(&name);
+            }
             devices.add_virtio(name, &guest_mem, block)?;
         }
         for (index, net) in config.nets.iter().enumerate() {
