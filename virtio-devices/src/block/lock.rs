@@ -83,10 +83,17 @@ mod tests {
             LockOutcome::Conflict
         ));
         drop(first);
-        assert!(matches!(
-            lock_file(&second, LockKind::Shared).unwrap(),
-            LockOutcome::Locked
-        ));
+        // Other tests in this process fork children (qemu-img); a child briefly holds a copy of every descriptor
+        // until its exec closes them, so the closed lock may take a moment to be released. Poll, bounded.
+        let mut outcome = lock_file(&second, LockKind::Shared).unwrap();
+        for _ in 0..500 {
+            if matches!(outcome, LockOutcome::Locked) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            outcome = lock_file(&second, LockKind::Shared).unwrap();
+        }
+        assert!(matches!(outcome, LockOutcome::Locked));
         let third = reopen(&image);
         assert!(matches!(
             lock_file(&third, LockKind::Shared).unwrap(),
