@@ -18,6 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+use vmm_sys_util::ioctl_ior_nr;
+
+// TUNGETIFF: _IOR('T', 210, unsigned int), not in libc.
+ioctl_ior_nr!(TUNGETIFF, 'T' as u32, 210, libc::c_uint);
 
 /// Length of the virtio-net header in front of every frame on the tap (`virtio_net_hdr_v1`).
 pub const VNET_HDR_LEN: usize = 12;
@@ -67,6 +71,14 @@ pub enum TapError {
         name: String,
         /// The OS error.
         source: io::Error,
+    },
+    /// A descriptor passed in is not a usable tap.
+    #[error("fd {fd} is not a usable tap: {reason}")]
+    NotATap {
+        /// The descriptor number.
+        fd: RawFd,
+        /// Why.
+        reason: String,
     },
     /// Reading or setting the interface flags failed.
     #[error("cannot bring tap {name} up: {source}; run as root or grant CAP_NET_ADMIN")]
@@ -213,6 +225,58 @@ impl Tap {
         let mut queues = Self::open_queues(name, 1)?;
         // open_queues returns exactly one queue for a count of 1.
         queues.pop().ok_or(TapError::QueueCount(0))
+    }
+
+    /// Takes over a tap queue another process opened and passed in (e.g. by a management daemon without
+    /// CAP_NET_ADMIN for us). It must be a tap (not tun) opened with IFF_VNET_HDR; Atrium never deletes it.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, TapError> {
+        let raw = fd.as_raw_fd();
+        let not_tap = |reason: String| TapError::NotATap { fd: raw, reason };
+        let file = File::from(fd);
+        let mut req = ifreq("");
+        // SAFETY: TUNGETIFF writes a `struct ifreq`; `req` is one, exclusively borrowed for the call. On a descriptor
+        // that is not a tun/tap the kernel rejects the request without touching `req`.
+        let ret = unsafe { ioctl_with_mut_ref(&file, TUNGETIFF(), &mut req) };
+        if ret < 0 {
+            return Err(not_tap(format!(
+                "{} (pass a descriptor of /dev/net/tun attached to a tap)",
+                io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: TUNGETIFF filled the flags member of the union.
+        let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+        if flags & libc::IFF_TAP == 0 {
+            return Err(not_tap("it is a tun device; Atrium needs a tap".into()));
+        }
+        if flags & libc::IFF_VNET_HDR == 0 {
+            return Err(not_tap("it was opened without IFF_VNET_HDR; open it with that flag".into()));
+        }
+        // SAFETY: F_GETFL/F_SETFL only read and set the descriptor's status flags.
+        let nonblocking = unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            fl >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(not_tap(format!(
+                "cannot make it non-blocking: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        let tap = Self {
+            file,
+            name: ifreq_name(&req),
+            created: false,
+            multi_queue: flags & libc::IFF_MULTI_QUEUE != 0,
+            attached: AtomicBool::new(true),
+        };
+        // Lossless: 12 fits an int.
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int through its pointer argument; `hdr_len` lives across the call.
+        let ret = unsafe { ioctl_with_ref(&tap.file, libc::TUNSETVNETHDRSZ, &hdr_len) };
+        if ret < 0 {
+            return Err(tap.configure_error("set the virtio-net header size"));
+        }
+        Ok(tap)
     }
 
     /// Opens `count` queues of one tap (`IFF_MULTI_QUEUE` when `count` > 1): `name` if given (created when it does

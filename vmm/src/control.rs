@@ -68,6 +68,8 @@ pub struct Vmm {
     pub(crate) events: Arc<VmEvents>,
     /// Signalled when the guest ejects a hot-removed CPU or device.
     eject_event: EventFd,
+    /// Tap descriptors inherited from the parent (`--net fd=`).
+    pub(crate) net_fds: crate::vm::NetFds,
     cmos_state: Option<devices::cmos::CmosState>,
     epoll: Epoll,
     /// Console fds registered with epoll.
@@ -101,6 +103,7 @@ impl Vmm {
             vconsole: None,
             events,
             eject_event,
+            net_fds: crate::vm::NetFds::new(),
             cmos_state: None,
             epoll,
             console_fds: Vec::new(),
@@ -153,8 +156,11 @@ impl Vmm {
             console,
             self.cmos_state.take(),
             self.events.clone(),
-            &self.eject_event,
-            self.vconsole.as_ref(),
+            &crate::vm::HostResources {
+                eject_event: &self.eject_event,
+                vconsole: self.vconsole.as_ref(),
+                net_fds: &self.net_fds,
+            },
         )?;
         vm.start()?;
         self.vm = Some(vm);

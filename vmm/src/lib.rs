@@ -117,7 +117,10 @@ impl Error {
 /// Builds the VM described by `config`, runs it, and returns how it ended. A guest reset rebuilds the VM in place
 /// (keeping the console and the CMOS NVRAM) unless `no_reboot` is set.
 pub fn run(config: config::VmConfig) -> Result<Outcome, Error> {
+    // Before anything is opened: inherited tap descriptors.
+    let net_fds = vm::claim_net_fds(&config)?;
     let mut vmm = Vmm::new()?;
+    vmm.net_fds = net_fds;
     vmm.create(config)?;
     vmm.boot()?;
     vmm.run_loop(|_| control::Next::Continue)
@@ -129,7 +132,13 @@ pub fn run_with_api(
     config: Option<config::VmConfig>,
     socket: &std::path::Path,
 ) -> Result<Outcome, Error> {
+    // Before anything is opened: inherited tap descriptors.
+    let net_fds = match &config {
+        Some(config) => vm::claim_net_fds(config)?,
+        None => vm::NetFds::new(),
+    };
     let mut vmm = Vmm::new()?;
+    vmm.net_fds = net_fds;
     let (tx, rx) = std::sync::mpsc::channel();
     let notify = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
         .map_err(Error::ControlLoop)?;

@@ -86,9 +86,9 @@ impl Vm {
         console: &Console,
         cmos_state: Option<devices::cmos::CmosState>,
         events: Arc<VmEvents>,
-        eject_event: &vmm_sys_util::eventfd::EventFd,
-        vconsole: Option<&Console>,
+        host: &HostResources,
     ) -> Result<Vm, BuildError> {
+        let (eject_event, vconsole, net_fds) = (host.eject_event, host.vconsole, host.net_fds);
         // 1. The VM, with KVM's local APICs and a user-space IOAPIC (split irqchip).
         let vm = hv.create_vm().map_err(BuildError::CreateVm)?;
         vm.setup_x86_platform(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS)
@@ -141,7 +141,7 @@ impl Vm {
         }
         for (index, net) in config.nets.iter().enumerate() {
             let name = net.id.clone().unwrap_or_else(|| format!("net{index}"));
-            let device = create_net(net)?;
+            let device = create_net(net, net_fds)?;
             devices.add_virtio(name, &guest_mem, device)?;
         }
         let mut console_input = None;
@@ -368,7 +368,7 @@ impl Vm {
             Some(id) => id.clone(),
             None => self.free_name("net"),
         };
-        let device = create_net(net)?;
+        let device = create_net(net, &NetFds::new())?;
         let slot = self
             .devices
             .hotplug_virtio(name.clone(), &self.guest_mem, device)?;
@@ -494,6 +494,46 @@ fn create_vsock(
     Ok(Box::new(device))
 }
 
+/// What a VM borrows from the VMM that outlives it (across reboots).
+pub struct HostResources<'a> {
+    /// Signalled when the guest ejects a CPU or device.
+    pub eject_event: &'a vmm_sys_util::eventfd::EventFd,
+    /// The virtio console's host side, if there is one.
+    pub vconsole: Option<&'a Console>,
+    /// Inherited tap descriptors.
+    pub net_fds: &'a NetFds,
+}
+
+/// Tap descriptors inherited from the parent process, by number (see [`claim_net_fds`]).
+pub type NetFds = std::collections::BTreeMap<i32, std::os::fd::OwnedFd>;
+
+/// Takes ownership of the tap descriptors `--net fd=N` names. Must run before the VMM opens anything, so a number
+/// that was not open at start cannot alias a descriptor of our own.
+pub fn claim_net_fds(config: &VmConfig) -> Result<NetFds, BuildError> {
+    use std::os::fd::FromRawFd;
+    let mut fds = NetFds::new();
+    for fd in config.nets.iter().filter_map(|n| n.fd) {
+        if fds.contains_key(&fd) {
+            return Err(BuildError::Net(format!(
+                "--net fd={fd}: the same descriptor is named twice"
+            )));
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags; it fails with EBADF when `fd` is not open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(BuildError::Net(format!(
+                "--net fd={fd}: descriptor {fd} is not open; pass the tap's descriptor to atrium"
+            )));
+        }
+        // SAFETY: `fd` is open (checked above) and was inherited from the parent, which handed it to us by naming it;
+        // nothing else in this process owns it, since this runs before the VMM opens any descriptor.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: F_SETFD on a descriptor we own; keeps it from leaking into programs we might start.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        fds.insert(fd, owned);
+    }
+    Ok(fds)
+}
+
 /// ACPI memory hotplug slots when `hotplug_size` is set.
 const MEMORY_HOTPLUG_SLOTS: u32 = 8;
 
@@ -503,10 +543,23 @@ fn memory_hotplug_base(ram: u64) -> u64 {
     window + size
 }
 
-/// A virtio-net device on the tap `net` names (or a new one).
+/// A virtio-net device on the tap `net` names (or a new one, or the inherited descriptor in `fds`).
 fn create_net(
     net: &crate::config::NetConfig,
+    fds: &NetFds,
 ) -> Result<Box<dyn virtio_devices::VirtioDevice>, BuildError> {
+    if let Some(fd) = net.fd {
+        let err = |e: String| BuildError::Net(format!("--net fd={fd}: {e}"));
+        let owned = fds
+            .get(&fd)
+            .ok_or_else(|| err("the descriptor was not passed to atrium at start".into()))?
+            .try_clone()
+            .map_err(|e| err(e.to_string()))?;
+        let tap = virtio_devices::Tap::from_fd(owned).map_err(|e| err(e.to_string()))?;
+        let device = virtio_devices::Net::with_taps(vec![tap], net.mac, net.queue_size)
+            .map_err(|e| err(e.to_string()))?;
+        return Ok(Box::new(device));
+    }
     let options = virtio_devices::NetOptions {
         tap: net.tap.clone(),
         mac: net.mac,

@@ -19,7 +19,7 @@ const DISK_KEYS: &[&str] = &[
     "format",
 ];
 const NET_OPTION: &str = "--net";
-const NET_KEYS: &[&str] = &["tap", "mac", "num_queues", "queue_size", "id"];
+const NET_KEYS: &[&str] = &["tap", "fd", "mac", "num_queues", "queue_size", "id"];
 const RNG_OPTION: &str = "--rng";
 const RNG_KEYS: &[&str] = &["src"];
 const VSOCK_OPTION: &str = "--vsock";
@@ -79,6 +79,9 @@ pub struct NetConfig {
     /// The tap interface name; `None` means Atrium creates one (and removes it at exit).
     #[serde(default)]
     pub tap: Option<String>,
+    /// A tap descriptor inherited from the parent process (instead of `tap`).
+    #[serde(default)]
+    pub fd: Option<i32>,
     /// The guest's MAC address.
     #[serde(default)]
     pub mac: Option<[u8; 6]>,
@@ -314,8 +317,31 @@ impl NetConfig {
                 expected: "use an even number (one receive and one transmit queue per pair)",
             });
         }
+        let fd = match pairs.get_u32("fd")? {
+            None => None,
+            Some(fd) if fd < 3 || fd > i32::MAX as u32 => {
+                return Err(ConfigError::InvalidValue {
+                    option: NET_OPTION,
+                    key: "fd",
+                    value: fd.to_string(),
+                    expected:
+                        "descriptors 0-2 are stdin/stdout/stderr; pass the tap as fd 3 or higher",
+                })
+            }
+            Some(fd) => Some(fd as i32),
+        };
+        if fd.is_some() && (tap.is_some() || num_queues != 2) {
+            return Err(ConfigError::InvalidValue {
+                option: NET_OPTION,
+                key: "fd",
+                value: fd.map(|f| f.to_string()).unwrap_or_default(),
+                expected:
+                    "an fd is one tap queue pair: give no tap= and no num_queues other than 2",
+            });
+        }
         Ok(NetConfig {
             tap,
+            fd,
             mac,
             num_queues,
             queue_size: parse_queue_size(&pairs, NET_OPTION)?,
@@ -461,6 +487,9 @@ mod tests {
             "--net num_queues=3: use an even number (one receive and one transmit queue per pair)"
         );
         assert!(err(NetConfig::parse("tap=averyveryverylongname")).contains("at most 15"));
+        assert_eq!(NetConfig::parse("fd=3").unwrap().fd, Some(3));
+        assert!(err(NetConfig::parse("fd=1")).contains("pass the tap as fd 3 or higher"));
+        assert!(err(NetConfig::parse("fd=4,tap=t0")).contains("one tap queue pair"));
     }
 
     #[test]
