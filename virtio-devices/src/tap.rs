@@ -249,7 +249,9 @@ impl Tap {
             return Err(not_tap("it is a tun device; Atrium needs a tap".into()));
         }
         if flags & libc::IFF_VNET_HDR == 0 {
-            return Err(not_tap("it was opened without IFF_VNET_HDR; open it with that flag".into()));
+            return Err(not_tap(
+                "it was opened without IFF_VNET_HDR; open it with that flag".into(),
+            ));
         }
         // SAFETY: F_GETFL/F_SETFL only read and set the descriptor's status flags.
         let nonblocking = unsafe {
