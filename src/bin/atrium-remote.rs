@@ -454,7 +454,7 @@ mod tests {
             (
                 &["add-net", "tap=,id=net2"],
                 "PUT /api/v1/vm.add-net",
-                "{\"tap\":null,\"mac\":null,\"num_queues\":2,\"queue_size\":256,\"id\":\"net2\"}",
+                "{\"tap\":null,\"fd\":null,\"mac\":null,\"num_queues\":2,\"queue_size\":256,\"id\":\"net2\"}",
             ),
             (
                 &["add-vsock", "cid=3,socket=/run/v.sock"],
