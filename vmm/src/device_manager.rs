@@ -141,7 +141,7 @@ pub struct DeviceManager {
     boot_devices: std::collections::BTreeSet<String>,
     vm: Arc<dyn Vm>,
     /// Devices kept alive here; the buses hold weak references.
-    others: Vec<Arc<Mutex<dyn BusDevice>>>,
+    _owned: Vec<Arc<Mutex<dyn BusDevice>>>,
 }
 
 impl DeviceManager {
@@ -278,7 +278,7 @@ impl DeviceManager {
             virtio: Vec::new(),
             boot_devices: Default::default(),
             vm: vm.clone(),
-            others,
+            _owned: others,
         })
     }
 
@@ -460,15 +460,5 @@ impl DeviceManager {
     /// The virtio devices: (name, PCI slot).
     pub fn virtio_devices(&self) -> impl Iterator<Item = (&str, u8)> {
         self.virtio.iter().map(|(name, h)| (name.as_str(), h.slot))
-    }
-
-    /// The PCI slots in use.
-    pub fn pci_slots(&self) -> Vec<u8> {
-        self.pci.occupied_slots()
-    }
-
-    /// How many platform devices are attached.
-    pub fn device_count(&self) -> usize {
-        self.others.len() + 5 + usize::from(self.serial.is_some())
     }
 }

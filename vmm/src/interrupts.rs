@@ -118,11 +118,6 @@ impl MsiRouter {
         }
     }
 
-    /// Number of routes currently programmed (for counters and tests).
-    pub fn route_count(&self) -> usize {
-        self.state().routes.len()
-    }
-
     /// Sets up `vectors` MSI vectors for one device: a GSI and a registered irqfd each.
     pub fn device_vectors(
         self: &Arc<Self>,

@@ -72,8 +72,8 @@ pub struct Vm {
     max_vcpus: u32,
     devices: DeviceManager,
     context: Arc<VcpuContext>,
-    _vm: Arc<dyn hypervisor::Vm>,
-    _memory: MemoryManager,
+    hypervisor_vm: Arc<dyn hypervisor::Vm>,
+    memory: MemoryManager,
 }
 
 impl Vm {
@@ -240,8 +240,8 @@ impl Vm {
             max_vcpus: max_cpus,
             devices,
             context,
-            _vm: vm,
-            _memory: memory,
+            hypervisor_vm: vm,
+            memory,
         })
     }
 
@@ -283,11 +283,11 @@ impl Vm {
         let vcpu = match self.parked_vcpus.iter().position(|(pid, _)| *pid == id) {
             Some(pos) => self.parked_vcpus.remove(pos).1,
             None => cpu::create_vcpu(
-                &self._vm,
+                &self.hypervisor_vm,
                 id,
                 self.max_vcpus,
                 &self.base_cpuid,
-                self._memory.guest_memory(),
+                self.memory.guest_memory(),
                 None,
             )?,
         };
@@ -316,7 +316,7 @@ impl Vm {
 
     /// Grows guest RAM to `desired` bytes by adding one ACPI memory device (shrinking is not supported yet).
     pub fn resize_memory(&mut self, desired: u64) -> Result<(), String> {
-        let current = self._memory.ram_size();
+        let current = self.memory.ram_size();
         if desired == current {
             return Ok(());
         }
@@ -345,8 +345,8 @@ impl Vm {
         }
         let base = area_base + used;
         let memory = self
-            ._memory
-            .hotplug(&self._vm, base, delta)
+            .memory
+            .hotplug(&self.hypervisor_vm, base, delta)
             .map_err(|e| e.to_string())?;
         // Devices doing DMA see the new memory from now on.
         match self.guest_mem.lock() {
@@ -441,7 +441,7 @@ impl Vm {
 
     /// Guest RAM in bytes.
     pub fn ram_size(&self) -> u64 {
-        self._memory.ram_size()
+        self.memory.ram_size()
     }
 
     /// The devices.
@@ -452,11 +452,6 @@ impl Vm {
     /// The devices, mutable (hotplug).
     pub fn devices_mut(&mut self) -> &mut DeviceManager {
         &mut self.devices
-    }
-
-    /// Whether the VM has a serial port whose input the console should feed.
-    pub fn has_serial(&self) -> bool {
-        self.devices.serial().is_some()
     }
 
     /// Queues console input for the virtio console.
