@@ -7,9 +7,12 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_msi, kvm_userspace_memory_region, CpuId, Msrs, KVM_CAP_SPLIT_IRQCHIP,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
+use kvm_bindings::{kvm_interrupt, KVMIO};
 use kvm_bindings::{kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI};
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
 
 use crate::x86_64::{
     CpuIdEntry, FpuState, LapicState, MsrEntry, SpecialRegisters, StandardRegisters,
@@ -266,6 +269,7 @@ impl Vcpu for KvmVcpu {
             Ok(VcpuExit::Shutdown) => VmExit::Shutdown,
             Ok(VcpuExit::IoapicEoi(vector)) => VmExit::IoapicEoi(vector),
             Ok(VcpuExit::Intr) => VmExit::Interrupted,
+            Ok(VcpuExit::IrqWindowOpen) => VmExit::IrqWindowOpen,
             Ok(VcpuExit::SystemEvent(kind, _)) if kind == KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
             Ok(VcpuExit::SystemEvent(kind, _)) if kind == KVM_SYSTEM_EVENT_SHUTDOWN => {
                 VmExit::PowerOff
@@ -353,4 +357,32 @@ impl Vcpu for KvmVcpu {
     fn set_immediate_exit(&mut self, exit: bool) {
         self.fd.set_kvm_immediate_exit(u8::from(exit));
     }
+
+    fn inject_external_interrupt(&mut self, vector: u8) -> Result<()> {
+        let irq = kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from the pointer, which refers to a live local of exactly
+        // that type; the vCPU descriptor is owned by `self.fd` and open.
+        let rc = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        if rc < 0 {
+            return Err(HypervisorError::Ioctl {
+                op: "KVM_INTERRUPT",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn ready_for_interrupt_injection(&mut self) -> bool {
+        self.fd.get_kvm_run().ready_for_interrupt_injection != 0
+    }
+
+    fn request_interrupt_window(&mut self, request: bool) {
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(request);
+    }
 }
+
+// kvm-ioctls has no wrapper for KVM_INTERRUPT (only needed with a user-space PIC), so it is declared here from the
+// KVM API: _IOW(KVMIO, 0x86, struct kvm_interrupt).
+ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);

@@ -170,6 +170,8 @@ pub enum VmExit {
     IoapicEoi(u8),
     /// KVM_RUN was interrupted by a signal (or an immediate exit was requested).
     Interrupted,
+    /// The guest can take an external interrupt now (asked for with `Vcpu::request_interrupt_window`).
+    IrqWindowOpen,
     /// KVM could not run or emulate the guest (KVM_EXIT_INTERNAL_ERROR).
     InternalError {
         /// KVM's sub-error code (1 = emulation failure).
@@ -213,4 +215,13 @@ pub trait Vcpu: Send {
     fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
     /// Whether the next `run` returns at once with `VmExit::Interrupted` (used to stop a vCPU without a race).
     fn set_immediate_exit(&mut self, exit: bool);
+    /// Queues external interrupt `vector` for delivery at the next guest entry: the vector a user-space 8259 PIC
+    /// answered the interrupt acknowledge with, delivered through the local APIC's LINT0 (ExtINT). Call it only when
+    /// [`Vcpu::ready_for_interrupt_injection`] says so.
+    fn inject_external_interrupt(&mut self, vector: u8) -> Result<()>;
+    /// Whether, as of the last exit, the guest can take an external interrupt (interrupts enabled, no interrupt
+    /// shadow, none queued).
+    fn ready_for_interrupt_injection(&mut self) -> bool;
+    /// Asks for (or stops asking for) a `VmExit::IrqWindowOpen` as soon as the guest can take an external interrupt.
+    fn request_interrupt_window(&mut self, request: bool);
 }

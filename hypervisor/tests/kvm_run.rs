@@ -45,7 +45,23 @@ fn real_mode_guest(
     Box<dyn hypervisor::Vcpu>,
     *mut u8,
 ) {
+    real_mode_guest_with(kvm, code, false)
+}
+
+/// Like `real_mode_guest`; with `split_irqchip`, the vCPU gets an in-kernel local APIC (KVM's split irqchip).
+fn real_mode_guest_with(
+    kvm: &KvmHypervisor,
+    code: &[u8],
+    split_irqchip: bool,
+) -> (
+    std::sync::Arc<dyn hypervisor::Vm>,
+    Box<dyn hypervisor::Vcpu>,
+    *mut u8,
+) {
     let vm = kvm.create_vm().unwrap();
+    if split_irqchip {
+        vm.create_split_irqchip(24).unwrap();
+    }
     let size = 0x10000;
     // SAFETY: an anonymous private mapping with no preconditions; checked below.
     let mem = unsafe {
@@ -121,6 +137,42 @@ fn immediate_exit_returns_interrupted() {
     vcpu.set_immediate_exit(true);
     let exit = vcpu.run(&Recorder::default()).unwrap();
     assert_eq!(exit, VmExit::Interrupted);
+}
+
+#[test]
+fn external_interrupt_is_injected_when_the_guest_opens_its_interrupt_window() {
+    let Some(kvm) = kvm() else { return };
+    // At 0x1000: sti; nop; jmp $ (interrupts open after the instruction following sti).
+    // At 0x1100, the handler of vector 0x20: mov al, 0x99; out 0x10, al; iret.
+    let mut code = vec![0u8; 0x106];
+    code[..4].copy_from_slice(&[0xfb, 0x90, 0xeb, 0xfe]);
+    code[0x100..].copy_from_slice(&[0xb0, 0x99, 0xe6, 0x10, 0xcf, 0xf4]);
+    let (_vm, mut vcpu, mem) = real_mode_guest_with(&kvm, &code, true);
+    // Real-mode interrupt vector table entry 0x20 (at 0x80): offset 0x1100, segment 0.
+    // SAFETY: the mapping is 64 KiB long; bytes 0x80..0x84 are inside it and nothing else writes them now.
+    unsafe { std::ptr::copy_nonoverlapping([0x00u8, 0x11, 0, 0].as_ptr(), mem.add(0x80), 4) };
+    let rec = Recorder::default();
+
+    // Interrupts are off at reset: ask to be told when the guest can take one.
+    vcpu.request_interrupt_window(true);
+    let mut exit = VmExit::Handled;
+    for _ in 0..100 {
+        exit = vcpu.run(&rec).unwrap();
+        if exit != VmExit::Handled {
+            break;
+        }
+    }
+    assert_eq!(exit, VmExit::IrqWindowOpen);
+    assert!(vcpu.ready_for_interrupt_injection());
+    vcpu.request_interrupt_window(false);
+    vcpu.inject_external_interrupt(0x20).unwrap();
+    // The guest takes vector 0x20 through LINT0 (ExtINT) and its handler writes 0x99 to port 0x10.
+    for _ in 0..100 {
+        if vcpu.run(&rec).unwrap() == VmExit::Handled && !rec.out.lock().unwrap().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(*rec.out.lock().unwrap(), vec![(0x10, vec![0x99])]);
 }
 
 #[test]
