@@ -311,6 +311,8 @@ impl VcpuThread {
         match exit {
             VmExit::Handled => ExitAction::Continue,
             VmExit::Interrupted => ExitAction::CheckEvents,
+            // The guest can take the PIC's interrupt now: the next pass through the loop injects it.
+            VmExit::IrqWindowOpen => ExitAction::Continue,
             VmExit::IoapicEoi(vector) => {
                 self.ctx
                     .ioapic
