@@ -45,6 +45,16 @@ pub const EBDA_END: u64 = 0xa0000;
 
 /// ACPI root system description pointer; the other ACPI tables follow it.
 pub const RSDP_POINTER: u64 = 0xe0000;
+
+/// Firmware (`--firmware`) is mapped read-only so that it ends here, at 4 GiB, where the reset vector is.
+pub const FIRMWARE_END: u64 = 1 << 32;
+/// Largest firmware image accepted (a 16 MiB flash, enough for OVMF).
+pub const FIRMWARE_MAX_SIZE: u64 = 16 << 20;
+/// The last `BIOS_ALIAS_SIZE` bytes of the firmware are also copied below 1 MiB, ending here (the legacy BIOS area,
+/// where real-mode firmware runs and keeps its data).
+pub const BIOS_ALIAS_END: u64 = 0x10_0000;
+/// Size of the legacy BIOS area copy (`0xe0000..0x100000`).
+pub const BIOS_ALIAS_SIZE: u64 = 128 << 10;
 /// End (exclusive) of the area reserved for ACPI tables.
 pub const ACPI_TABLES_END: u64 = 0x10_0000;
 

@@ -100,12 +100,31 @@ fn align(addr: u64) -> u64 {
     addr.div_ceil(TABLE_ALIGN) * TABLE_ALIGN
 }
 
+/// Where `build` puts the tables: the RSDP at `rsdp`, the others packed from `first_table`, all ending by `end`.
+#[derive(Clone, Copy)]
+struct Placement {
+    rsdp: u64,
+    first_table: u64,
+    end: u64,
+}
+
+/// Length of the revision-2 RSDP.
+const RSDP_LEN: u64 = 36;
+
+/// The layout of tables written straight into guest memory.
+const IN_MEMORY: Placement = Placement {
+    rsdp: RSDP_POINTER,
+    first_table: RSDP_POINTER + RSDP_LEN,
+    end: ACPI_TABLES_END,
+};
+
 /// Builds all tables at their final addresses, RSDP first.
 fn build(
     boot_cpus: u32,
     max_cpus: u32,
     ram_size: u64,
     memory_slots: u32,
+    at: Placement,
 ) -> Result<Vec<Placed>, Error> {
     let cpu_error = || Error::CpuCount {
         boot: boot_cpus,
@@ -132,14 +151,14 @@ fn build(
     // The same IOAPIC ID as the MP table, which lists the boot CPUs.
     let madt = tables::madt(boot, max, mptable::ioapic_id(boot_cpus));
 
-    let rsdp_addr = RSDP_POINTER;
-    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    let rsdp_addr = at.rsdp;
+    let xsdt_addr = align(at.first_table);
     let fadt_addr = align(xsdt_addr + HEADER_LEN + 8 * XSDT_ENTRIES);
     let dsdt_addr = align(fadt_addr + FADT::len() as u64);
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
     let mcfg_addr = align(madt_addr + madt.len() as u64);
     let end = mcfg_addr + mcfg.len() as u64;
-    if end > ACPI_TABLES_END {
+    if end > at.end {
         return Err(Error::TooLarge { end });
     }
 
@@ -196,10 +215,12 @@ pub fn tables(
     ram_size: u64,
     memory_slots: u32,
 ) -> Result<Vec<(String, Vec<u8>)>, Error> {
-    Ok(build(boot_cpus, max_cpus, ram_size, memory_slots)?
-        .into_iter()
-        .map(|t| (t.signature.to_string(), t.bytes))
-        .collect())
+    Ok(
+        build(boot_cpus, max_cpus, ram_size, memory_slots, IN_MEMORY)?
+            .into_iter()
+            .map(|t| (t.signature.to_string(), t.bytes))
+            .collect(),
+    )
 }
 
 /// Writes the RSDP, XSDT, FADT, DSDT, MADT and MCFG into guest memory and returns the RSDP's
@@ -217,7 +238,7 @@ pub fn create_acpi_tables<M: GuestMemoryBackend>(
     ram_size: u64,
     memory_slots: u32,
 ) -> Result<GuestAddress, Error> {
-    let placed = build(boot_cpus, max_cpus, ram_size, memory_slots)?;
+    let placed = build(boot_cpus, max_cpus, ram_size, memory_slots, IN_MEMORY)?;
     for table in &placed {
         mem.write_slice(&table.bytes, GuestAddress(table.addr))
             .map_err(|_| Error::GuestWrite {
@@ -226,6 +247,126 @@ pub fn create_acpi_tables<M: GuestMemoryBackend>(
             })?;
     }
     Ok(GuestAddress(RSDP_POINTER))
+}
+
+/// A pointer inside a [`LoaderTables`] blob that firmware must relocate: `size` bytes at `offset` hold an offset
+/// into the tables blob, to which firmware adds the address where it placed that blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoaderPointer {
+    /// Byte offset of the pointer in its blob.
+    pub offset: u32,
+    /// Pointer width in bytes (4 or 8).
+    pub size: u8,
+}
+
+/// A table checksum firmware must recompute after relocating pointers: the byte at `offset` makes
+/// `start..start + length` sum to zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoaderChecksum {
+    /// Byte offset of the checksum byte.
+    pub offset: u32,
+    /// First byte covered.
+    pub start: u32,
+    /// Bytes covered.
+    pub length: u32,
+}
+
+/// The tables in the form firmware installs them (QEMU's ACPI linker/loader, which SeaBIOS and OVMF implement): the
+/// RSDP alone in one blob, every other table packed in a second blob starting at offset 0, and every pointer holding
+/// the offset of its target within the tables blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoaderTables {
+    /// XSDT, FADT, DSDT, MADT and MCFG, 16-byte aligned, back to back.
+    pub tables: Vec<u8>,
+    /// The RSDP (revision 2, 36 bytes).
+    pub rsdp: Vec<u8>,
+    /// Pointers in `tables` into `tables` (the XSDT entries and the FADT's `X_DSDT`).
+    pub table_pointers: Vec<LoaderPointer>,
+    /// Pointers in `rsdp` into `tables` (the XSDT address).
+    pub rsdp_pointers: Vec<LoaderPointer>,
+    /// Checksums in `tables`, one per table.
+    pub table_checksums: Vec<LoaderChecksum>,
+    /// Checksums in `rsdp`: the 20-byte one first, then the extended one that covers it.
+    pub rsdp_checksums: Vec<LoaderChecksum>,
+}
+
+/// Offset of the XSDT address in the RSDP.
+const RSDP_XSDT_OFFSET: u32 = 24;
+/// Offset of the 20-byte checksum in the RSDP.
+const RSDP_CHECKSUM_OFFSET: u32 = 8;
+/// Offset of the extended checksum in the RSDP.
+const RSDP_EXT_CHECKSUM_OFFSET: u32 = 32;
+/// Offset of the checksum byte in a table header.
+const HEADER_CHECKSUM_OFFSET: u32 = 9;
+/// Offset of `X_DSDT` in the FADT.
+const FADT_X_DSDT_OFFSET: u32 = 140;
+
+/// Builds the same tables as [`create_acpi_tables`] for firmware to install through fw_cfg (see [`LoaderTables`]).
+pub fn loader_tables(
+    boot_cpus: u32,
+    max_cpus: u32,
+    ram_size: u64,
+    memory_slots: u32,
+) -> Result<LoaderTables, Error> {
+    let at = Placement {
+        rsdp: 0,
+        first_table: 0,
+        end: u64::from(u32::MAX),
+    };
+    let placed = build(boot_cpus, max_cpus, ram_size, memory_slots, at)?;
+    let mut out = LoaderTables {
+        tables: Vec::new(),
+        rsdp: Vec::new(),
+        table_pointers: Vec::new(),
+        rsdp_pointers: vec![LoaderPointer {
+            offset: RSDP_XSDT_OFFSET,
+            size: 8,
+        }],
+        table_checksums: Vec::new(),
+        rsdp_checksums: vec![
+            LoaderChecksum {
+                offset: RSDP_CHECKSUM_OFFSET,
+                start: 0,
+                length: 20,
+            },
+            LoaderChecksum {
+                offset: RSDP_EXT_CHECKSUM_OFFSET,
+                start: 0,
+                length: Rsdp::len() as u32,
+            },
+        ],
+    };
+    // `end` above keeps every offset below 4 GiB, so the narrowing casts below are lossless.
+    for table in placed {
+        if table.signature == "RSDP" {
+            out.rsdp = table.bytes;
+            continue;
+        }
+        let start = table.addr as u32;
+        out.tables.resize(table.addr as usize, 0);
+        match table.signature {
+            "XSDT" => {
+                let entries = (table.bytes.len() as u32 - HEADER_LEN as u32) / 8;
+                out.table_pointers
+                    .extend((0..entries).map(|i| LoaderPointer {
+                        offset: start + HEADER_LEN as u32 + 8 * i,
+                        size: 8,
+                    }));
+            }
+            "FACP" => out.table_pointers.push(LoaderPointer {
+                offset: start + FADT_X_DSDT_OFFSET,
+                size: 8,
+            }),
+            _ => {}
+        }
+        out.table_checksums.push(LoaderChecksum {
+            offset: start + HEADER_CHECKSUM_OFFSET,
+            start,
+            length: table.bytes.len() as u32,
+        });
+        out.tables.extend_from_slice(&table.bytes);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -296,6 +437,61 @@ mod tests {
             found.push((addr, table));
         }
         found
+    }
+
+    /// Does what firmware does with [`loader_tables`]: adds `base` to every pointer, then fixes every checksum the
+    /// way SeaBIOS does (subtracting the range's sum from the checksum byte).
+    fn relocate(
+        blob: &mut [u8],
+        pointers: &[LoaderPointer],
+        checksums: &[LoaderChecksum],
+        base: u64,
+    ) {
+        for p in pointers {
+            let at = p.offset as usize;
+            let size = usize::from(p.size);
+            let mut raw = [0u8; 8];
+            raw[..size].copy_from_slice(&blob[at..at + size]);
+            let value = u64::from_le_bytes(raw) + base;
+            blob[at..at + size].copy_from_slice(&value.to_le_bytes()[..size]);
+        }
+        for c in checksums {
+            let range = c.start as usize..(c.start + c.length) as usize;
+            let s = sum(&blob[range]);
+            blob[c.offset as usize] = blob[c.offset as usize].wrapping_sub(s);
+        }
+    }
+
+    #[test]
+    fn loader_tables_relocated_to_the_in_memory_addresses_equal_the_in_memory_tables() {
+        assert_eq!(Rsdp::len() as u64, RSDP_LEN);
+        let loader = loader_tables(2, 4, RAM, 3).unwrap();
+        let mem = memory();
+        create_acpi_tables(&mem, 2, 4, RAM, 3).unwrap();
+        // In memory the first table follows the RSDP on a 16-byte boundary; in the blob it is at offset 0.
+        let base = align(RSDP_POINTER + Rsdp::len() as u64);
+        let (mut tables, mut rsdp) = (loader.tables.clone(), loader.rsdp.clone());
+        relocate(
+            &mut tables,
+            &loader.table_pointers,
+            &loader.table_checksums,
+            base,
+        );
+        relocate(
+            &mut rsdp,
+            &loader.rsdp_pointers,
+            &loader.rsdp_checksums,
+            base,
+        );
+        assert_eq!(rsdp, read(&mem, RSDP_POINTER, rsdp.len()));
+        assert_eq!(tables, read(&mem, base, tables.len()));
+        // Three XSDT entries and X_DSDT; one checksum per table (XSDT, FADT, DSDT, MADT, MCFG).
+        assert_eq!(loader.table_pointers.len(), 4);
+        assert_eq!(loader.table_checksums.len(), 5);
+        assert_eq!(loader.rsdp_pointers.len(), 1);
+        // Unrelocated, the pointers hold offsets inside the tables blob.
+        assert_eq!(u64_at(&loader.rsdp, 24), 0);
+        assert_eq!(&loader.tables[0..4], b"XSDT");
     }
 
     #[test]
