@@ -80,6 +80,11 @@ pub struct PciHostBridge {
     config: PciConfiguration,
 }
 
+/// Subsystem vendor of the host bridge (Red Hat, Inc., as on QEMU).
+pub const HOST_BRIDGE_SUBSYSTEM_VENDOR_ID: u16 = 0x1af4;
+/// Subsystem ID of the host bridge ("QEMU virtual machine").
+pub const HOST_BRIDGE_SUBSYSTEM_ID: u16 = 0x1100;
+
 impl PciHostBridge {
     /// A host bridge with Atrium's IDs.
     pub fn new() -> Self {
@@ -88,8 +93,10 @@ impl PciHostBridge {
             device_id: HOST_BRIDGE_DEVICE_ID,
             revision_id: 0,
             class_code: PciClassCode::HOST_BRIDGE,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
+            // The subsystem IDs QEMU gives its host bridges: firmware built for QEMU (SeaBIOS) looks for them before
+            // it uses fw_cfg and its virtual-platform setup.
+            subsystem_vendor_id: HOST_BRIDGE_SUBSYSTEM_VENDOR_ID,
+            subsystem_id: HOST_BRIDGE_SUBSYSTEM_ID,
             multi_function: false,
             interrupt_pin: None,
         };
