@@ -32,7 +32,7 @@ pub use bus::{Bus, BusDevice, BusError};
 pub use cpu_hotplug::CpuHotplugController;
 pub use fw_cfg::{FwCfg, FwCfgError, GuestMemoryAccess};
 pub use ged::{Ged, GedEvent};
-pub use interrupt::{InterruptLine, MsiMessage, MsiSender};
+pub use interrupt::{InterruptLine, LevelSource, MsiMessage, MsiSender, SharedLevelLine};
 pub use memory_hotplug::MemoryHotplugController;
 pub use pci_hotplug::PciHotplugController;
 pub use platform::PlatformEvents;
