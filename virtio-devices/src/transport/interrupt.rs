@@ -4,7 +4,9 @@
 //! The driver picks the vectors through `config_msix_vector` and `queue_msix_vector`; [`InterruptVectors`] holds
 //! them where both the transport (guest writes) and the device thread (triggers) see them. With MSI-X enabled, a
 //! source whose vector is `VIRTIO_MSI_NO_VECTOR` raises nothing. With MSI-X disabled, the device sets the ISR bit and
-//! asserts INTx, which stays asserted until the driver reads (and so clears) the ISR.
+//! asserts INTx, which stays asserted until the driver reads (and so clears) the ISR or resets the device. The line is
+//! held released while INTx is blocked (the COMMAND register's Interrupt Disable bit, or MSI-X enabled); an interrupt
+//! still pending when it is unblocked asserts it then.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
@@ -96,13 +98,24 @@ pub(crate) fn lock_msix(msix: &Mutex<MsixConfig>) -> MutexGuard<'_, MsixConfig> 
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The INTx side of a function: whether an interrupt is pending on the line, whether the driver blocks INTx, and the
+/// level the line last took.
+#[derive(Debug, Default)]
+struct IntxState {
+    pending: bool,
+    blocked: bool,
+    driven: bool,
+}
+
 /// The [`VirtioInterrupt`] of a virtio-pci function.
 pub(crate) struct VirtioPciInterrupt {
     msix: Arc<Mutex<MsixConfig>>,
     vectors: Arc<InterruptVectors>,
+    /// Changed only under `intx_state`'s lock, so the ISR and the line agree.
     isr: AtomicU8,
     needs_reset: AtomicBool,
     intx: Option<Arc<dyn InterruptLine>>,
+    intx_state: Mutex<IntxState>,
 }
 
 impl VirtioPciInterrupt {
@@ -117,16 +130,32 @@ impl VirtioPciInterrupt {
             isr: AtomicU8::new(0),
             needs_reset: AtomicBool::new(false),
             intx,
+            intx_state: Mutex::new(IntxState::default()),
         }
+    }
+
+    fn intx_state(&self) -> MutexGuard<'_, IntxState> {
+        // Each update leaves the state consistent; a panicked holder does not matter.
+        self.intx_state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Driver read of the ISR register: returns the bits and clears them, releasing INTx.
     pub(crate) fn read_isr(&self) -> u8 {
+        let mut intx = self.intx_state();
         let isr = self.isr.swap(0, Ordering::AcqRel);
-        if isr != 0 {
-            self.set_intx(false);
-        }
+        intx.pending = false;
+        self.drive_intx(&mut intx);
         isr
+    }
+
+    /// Blocks INTx (the driver set COMMAND's Interrupt Disable bit or enabled MSI-X) or unblocks it. A blocked
+    /// function keeps the line released; unblocking a pending interrupt asserts it.
+    pub(crate) fn set_intx_blocked(&self, blocked: bool) {
+        let mut intx = self.intx_state();
+        intx.blocked = blocked;
+        self.drive_intx(&mut intx);
     }
 
     /// The ISR bits, without clearing them (for saving state).
@@ -150,19 +179,27 @@ impl VirtioPciInterrupt {
         }
     }
 
-    /// Clears the ISR and the reset request (device reset).
+    /// Clears the ISR and the reset request, releasing INTx (device reset).
     pub(crate) fn reset(&self) {
         self.needs_reset.store(false, Ordering::Release);
-        if self.isr.swap(0, Ordering::AcqRel) != 0 {
-            self.set_intx(false);
-        }
+        let mut intx = self.intx_state();
+        self.isr.store(0, Ordering::Release);
+        intx.pending = false;
+        self.drive_intx(&mut intx);
     }
 
-    fn set_intx(&self, asserted: bool) {
-        if let Some(line) = &self.intx {
-            if let Err(err) = line.set_level(asserted) {
-                tracing::warn!(%err, asserted, "failed to drive the virtio INTx line");
-            }
+    /// Sets the line to "pending and not blocked" if that differs from what it holds.
+    fn drive_intx(&self, intx: &mut IntxState) {
+        let Some(line) = &self.intx else {
+            return;
+        };
+        let level = intx.pending && !intx.blocked;
+        if level == intx.driven {
+            return;
+        }
+        match line.set_level(level) {
+            Ok(()) => intx.driven = level,
+            Err(err) => tracing::warn!(%err, level, "failed to drive the virtio INTx line"),
         }
     }
 }
@@ -179,6 +216,7 @@ impl VirtioInterrupt for VirtioPciInterrupt {
         if msix.enabled() {
             // The configuration bit is set whatever the interrupt mode; the queue bit only matters for INTx.
             if kind == VirtioInterruptType::Config {
+                let _intx = self.intx_state();
                 self.isr.fetch_or(ISR_CONFIG, Ordering::AcqRel);
             }
             if vector == VIRTIO_MSI_NO_VECTOR {
@@ -192,8 +230,10 @@ impl VirtioInterrupt for VirtioPciInterrupt {
             };
         }
         drop(msix);
+        let mut intx = self.intx_state();
         self.isr.fetch_or(isr_bit, Ordering::AcqRel);
-        self.set_intx(true);
+        intx.pending = true;
+        self.drive_intx(&mut intx);
         Ok(())
     }
 

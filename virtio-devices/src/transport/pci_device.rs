@@ -29,7 +29,7 @@ use devices::InterruptLine;
 use pci::{
     BarReprogramming, ConfigurationError, MsiDelivery, MsixCapability, MsixConfig, MsixConfigState,
     MsixError, PciBarConfiguration, PciClassCode, PciConfiguration, PciConfigurationState,
-    PciDevice, PciHeader, PciInterruptPin,
+    PciDevice, PciHeader, PciInterruptPin, COMMAND_INTERRUPT_DISABLE, COMMAND_STATUS_REG,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -517,6 +517,12 @@ impl PciDevice for VirtioPciDevice {
         if reg == self.msix_cap_reg {
             let control = (self.config.read_reg(reg) >> 16) as u16;
             lock_msix(&self.msix).set_message_control(control);
+        }
+        if reg == self.msix_cap_reg || reg == COMMAND_STATUS_REG {
+            // A function may not assert INTx while the driver disables it or uses MSI-X.
+            let blocked = self.config.command() & COMMAND_INTERRUPT_DISABLE != 0
+                || lock_msix(&self.msix).enabled();
+            self.interrupt.set_intx_blocked(blocked);
         }
         if reg == self.pci_cfg_data_reg() {
             if let Some((bar_offset, length)) = self.pci_cfg_window() {

@@ -562,13 +562,78 @@ fn without_msix_interrupts_set_the_isr_and_hold_intx_until_it_is_read() {
     let interrupt = h.interrupt();
     interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
     interrupt.trigger(VirtioInterruptType::Config).unwrap();
-    assert_eq!(*h.intx.0.lock().unwrap(), vec![true, true]);
+    // The line is a level: asserted once, held for both causes.
+    assert_eq!(*h.intx.0.lock().unwrap(), vec![true]);
     assert_eq!(h.read(ISR_OFFSET, 1), 3);
-    assert_eq!(*h.intx.0.lock().unwrap(), vec![true, true, false]);
+    assert_eq!(*h.intx.0.lock().unwrap(), vec![true, false]);
     // Read to clear.
     assert_eq!(h.read(ISR_OFFSET, 1), 0);
-    assert_eq!(h.intx.0.lock().unwrap().len(), 3);
+    assert_eq!(h.intx.0.lock().unwrap().len(), 2);
     assert!(h.msi.0.lock().unwrap().is_empty());
+}
+
+impl Harness {
+    fn write_command(&mut self, command: u16) {
+        self.dev
+            .write_config_register(COMMAND_STATUS_REG, 0, &command.to_le_bytes());
+    }
+
+    fn intx_levels(&self) -> Vec<bool> {
+        std::mem::take(&mut *self.intx.0.lock().unwrap())
+    }
+}
+
+#[test]
+fn the_interrupt_disable_bit_keeps_intx_released_until_cleared() {
+    let mut h = harness(&[16]);
+    assert_eq!(h.dev.config().interrupt_pin(), 1, "INTA#");
+    h.negotiate(FEATURES);
+    h.setup_queue(0, 16, 0x10_0000);
+    h.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    let interrupt = h.interrupt();
+    h.write_command(COMMAND_INTERRUPT_DISABLE | 0x6);
+    interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+    assert!(h.intx_levels().is_empty(), "asserted while disabled");
+    // Clearing the bit with the interrupt still pending asserts the line; setting it again releases it.
+    h.write_command(0x6);
+    assert_eq!(h.intx_levels(), [true]);
+    h.write_command(COMMAND_INTERRUPT_DISABLE | 0x6);
+    assert_eq!(h.intx_levels(), [false]);
+    // The ISR still tells the driver; reading it clears the pending interrupt, so re-enabling asserts nothing.
+    assert_eq!(h.read(ISR_OFFSET, 1), 1);
+    h.write_command(0x6);
+    assert!(h.intx_levels().is_empty());
+    interrupt.trigger(VirtioInterruptType::Queue(0)).unwrap();
+    assert_eq!(h.intx_levels(), [true]);
+    // A device reset releases the line.
+    h.set_status(0);
+    assert_eq!(h.intx_levels(), [false]);
+    assert_eq!(h.read(ISR_OFFSET, 1), 0);
+}
+
+#[test]
+fn enabling_msix_releases_a_pending_intx() {
+    let mut h = harness(&[16]);
+    h.negotiate(FEATURES);
+    h.setup_queue(0, 16, 0x10_0000);
+    h.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    h.interrupt()
+        .trigger(VirtioInterruptType::Queue(0))
+        .unwrap();
+    assert_eq!(h.intx_levels(), [true]);
+    h.enable_msix();
+    assert_eq!(h.intx_levels(), [false]);
+    let reg = h.msix_cap_reg();
+    h.dev.write_config_register(reg, 2, &0u16.to_le_bytes());
+    assert_eq!(h.intx_levels(), [true]);
+}
+
+#[test]
+fn without_an_intx_line_the_function_has_no_interrupt_pin() {
+    let (device, _log) = MockDevice::new(&[16]);
+    let msi = Arc::new(MsiLog::default());
+    let dev = VirtioPciDevice::new(Box::new(device), guest_memory(), BAR, msi, None).unwrap();
+    assert_eq!(dev.config().interrupt_pin(), 0);
 }
 
 #[test]
