@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, Parser, ValueEnum};
 use vmm::config::{
-    ConfigError, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RngConfig, TripleFaultAction, VmConfig, VsockConfig,
+    ConfigError, ConsoleOutputMode, CpusConfig, DiskConfig, FirmwareConfig, MemoryConfig,
+    NetConfig, PayloadConfig, RngConfig, TripleFaultAction, VmConfig, VsockConfig,
+    DEFAULT_BOOT_TIMEOUT,
 };
 use vmm::Outcome;
 
@@ -92,6 +93,15 @@ struct Cli {
     /// A virtio entropy device (bytes from getrandom, or from src=PATH)
     #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
+    /// Boot this firmware (e.g. SeaBIOS's bios-256k.bin) instead of a kernel; it boots from the disks
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
+    /// With --firmware: seconds the firmware looks for a bootable disk before atrium gives up [default: 10]
+    #[arg(long, value_name = "SECONDS", requires = "firmware")]
+    boot_timeout: Option<u32>,
+    /// Firmware debug console on port 0x402: off, null, tty, file=PATH or socket=PATH [default: off]
+    #[arg(long, value_name = "MODE")]
+    debug_console: Option<String>,
     /// Serve the REST API on this Unix socket; without --kernel, wait for vm.create and vm.boot
     #[arg(long, value_name = "path=PATH")]
     api_socket: Option<String>,
@@ -133,6 +143,14 @@ impl Cli {
                 .map(|d| DiskConfig::parse(d))
                 .collect::<Result<_, _>>()?,
             rng: self.rng.as_deref().map(RngConfig::parse).transpose()?,
+            firmware: self.firmware.map(|path| FirmwareConfig {
+                path,
+                boot_timeout: self.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
+            }),
+            debug_console: match self.debug_console.as_deref() {
+                None | Some("off") => None,
+                Some(s) => Some(ConsoleOutputMode::parse(s)?),
+            },
             vsock: self.vsock.as_deref().map(VsockConfig::parse).transpose()?,
             nets: self
                 .net

@@ -13,6 +13,7 @@ pub mod control;
 pub mod cpu;
 pub mod device_manager;
 pub mod events;
+pub mod firmware;
 pub mod interrupts;
 pub mod io;
 pub mod memory;

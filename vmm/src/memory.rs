@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use hypervisor::{MemoryRegion, Vm};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress,
 };
 
@@ -30,6 +30,16 @@ pub enum MemoryError {
         reason: String,
     },
     /// The hypervisor refused a memory slot.
+    /// A read-only (firmware) mapping could not be made.
+    #[error("cannot map the {size:#x}-byte firmware at {base:#x}: {reason}")]
+    Rom {
+        /// Base address.
+        base: u64,
+        /// Size.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
     #[error("cannot register guest memory with KVM: {0}")]
     Register(#[source] hypervisor::HypervisorError),
 }
@@ -38,6 +48,8 @@ pub enum MemoryError {
 pub struct MemoryManager {
     guest_memory: GuestMemoryMmap,
     next_slot: u32,
+    /// Read-only mappings (firmware), not part of guest RAM: devices cannot DMA into them.
+    roms: Vec<GuestRegionMmap>,
 }
 
 impl MemoryManager {
@@ -52,6 +64,7 @@ impl MemoryManager {
         let mut manager = MemoryManager {
             guest_memory,
             next_slot: 0,
+            roms: Vec::new(),
         };
         let regions: Vec<(u64, u64, u64)> = manager
             .guest_memory
@@ -118,6 +131,40 @@ impl MemoryManager {
     }
 
     /// The guest's RAM.
+    /// Maps `contents` read-only at guest address `base` (firmware flash): guest reads see it, guest writes exit to the
+    /// VMM (and are ignored there). It is not guest RAM: it is not in [`Self::guest_memory`].
+    pub fn map_rom(
+        &mut self,
+        vm: &Arc<dyn Vm>,
+        base: u64,
+        contents: &[u8],
+    ) -> Result<(), MemoryError> {
+        let size = contents.len() as u64;
+        let bad = |reason: String| MemoryError::Rom { base, size, reason };
+        let region = GuestRegionMmap::from_range(GuestAddress(base), contents.len(), None)
+            .map_err(|e| bad(e.to_string()))?;
+        region
+            .write_slice(contents, MemoryRegionAddress(0))
+            .map_err(|e| bad(e.to_string()))?;
+        let host_addr = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map(|p| p as u64)
+            .map_err(|e| bad(e.to_string()))?;
+        let mapping = MemoryRegion {
+            slot: self.next_slot,
+            guest_addr: base,
+            size,
+            host_addr,
+            readonly: true,
+        };
+        // SAFETY: the mapping belongs to `region`, which is kept in `self.roms` and so lives as long as the VM (the VM
+        // is dropped before the memory manager).
+        unsafe { vm.set_memory_region(mapping) }.map_err(MemoryError::Register)?;
+        self.next_slot += 1;
+        self.roms.push(region);
+        Ok(())
+    }
+
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.guest_memory
     }

@@ -124,6 +124,12 @@ pub enum ConfigError {
     /// The serial port and the virtio console both want the terminal.
     #[error("--serial tty and --console tty cannot share the terminal; use --serial null (or off) with --console tty")]
     TwoTtyConsoles,
+    /// Both a firmware and a kernel were given.
+    #[error("--firmware and --kernel both given; boot either firmware (which loads the boot loader from a disk) or a kernel directly")]
+    FirmwareWithKernel,
+    /// The firmware wait for a bootable disk is zero.
+    #[error("--boot-timeout=0: give the firmware at least 1 second to find a bootable disk")]
+    ZeroBootTimeout,
     /// Two devices share an id.
     #[error("device id '{id}' is used twice; give each device its own id=")]
     DuplicateDeviceId {
@@ -769,6 +775,40 @@ pub struct VmConfig {
     /// The entropy device, if any.
     #[serde(default)]
     pub rng: Option<RngConfig>,
+    /// Firmware to boot instead of a kernel (`None`: Atrium loads the kernel itself).
+    #[serde(default)]
+    pub firmware: Option<FirmwareConfig>,
+    /// The firmware debug console on port 0x402 (QEMU's "debugcon"); `None`: no port.
+    #[serde(default)]
+    pub debug_console: Option<ConsoleOutputMode>,
+}
+
+/// Booting through firmware (`--firmware`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareConfig {
+    /// The firmware image (e.g. SeaBIOS's `bios-256k.bin`), mapped read-only so that it ends at 4 GiB.
+    pub path: PathBuf,
+    /// Seconds the firmware keeps looking for a bootable disk before Atrium gives up.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout: u32,
+}
+
+/// `--boot-timeout` when not given, in seconds.
+pub const DEFAULT_BOOT_TIMEOUT: u32 = 10;
+
+fn default_boot_timeout() -> u32 {
+    DEFAULT_BOOT_TIMEOUT
+}
+
+impl FirmwareConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_image_file("--firmware", &self.path)?;
+        if self.boot_timeout == 0 {
+            return Err(ConfigError::ZeroBootTimeout);
+        }
+        Ok(())
+    }
 }
 
 impl VmConfig {
@@ -784,6 +824,15 @@ impl VmConfig {
         self.memory.validate()?;
         self.memory.validate_against_host(host_memory)?;
         self.payload.validate()?;
+        if let Some(firmware) = &self.firmware {
+            if matches!(self.payload.kernel, KernelSource::Path(_)) {
+                return Err(ConfigError::FirmwareWithKernel);
+            }
+            firmware.validate()?;
+        }
+        if let Some(debug_console) = &self.debug_console {
+            debug_console.validate()?;
+        }
         self.serial.validate()?;
         if let Some(console) = &self.console {
             console.validate()?;

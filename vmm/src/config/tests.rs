@@ -459,6 +459,11 @@ fn json_round_trip() {
         nets: vec![NetConfig::parse("tap=tap0,id=n0").unwrap()],
         vsock: Some(VsockConfig::parse("cid=3,socket=/run/v.sock").unwrap()),
         rng: Some(RngConfig::default()),
+        firmware: Some(FirmwareConfig {
+            path: "/usr/share/seabios/bios-256k.bin".into(),
+            boot_timeout: 3,
+        }),
+        debug_console: Some(ConsoleOutputMode::File("/tmp/debugcon.log".into())),
     };
     let json = serde_json::to_string(&c).unwrap();
     assert!(
@@ -520,4 +525,41 @@ fn memory_hotplug_options() {
         "size=1G,hotplug_method=virtio-mem,hotplug_size=1G"
     ))
     .contains("not implemented yet"));
+}
+
+#[test]
+fn firmware_and_kernel_exclude_each_other_and_the_boot_timeout_is_positive() {
+    let dir = scratch("firmware");
+    let image = dir.join("bios.bin");
+    std::fs::write(&image, vec![0u8; 128 << 10]).unwrap();
+    let firmware = |boot_timeout| {
+        Some(FirmwareConfig {
+            path: image.clone(),
+            boot_timeout,
+        })
+    };
+    let c = VmConfig {
+        firmware: firmware(DEFAULT_BOOT_TIMEOUT),
+        ..VmConfig::default()
+    };
+    assert!(c.validate_against(None).is_ok());
+    let c = VmConfig {
+        firmware: firmware(DEFAULT_BOOT_TIMEOUT),
+        payload: PayloadConfig::new(Some(image.clone()), None, None),
+        ..VmConfig::default()
+    };
+    assert!(err(c.validate_against(None)).starts_with("--firmware and --kernel both given"));
+    let c = VmConfig {
+        firmware: firmware(0),
+        ..VmConfig::default()
+    };
+    assert!(err(c.validate_against(None)).starts_with("--boot-timeout=0"));
+    let c = VmConfig {
+        firmware: Some(FirmwareConfig {
+            path: dir.join("missing.bin"),
+            boot_timeout: 1,
+        }),
+        ..VmConfig::default()
+    };
+    assert!(err(c.validate_against(None)).starts_with("--firmware"));
 }
