@@ -23,7 +23,7 @@ use hypervisor::Vm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::ConsoleWriter;
-use crate::interrupts::MsiRouter;
+use crate::interrupts::{MsiRouter, PciIntx};
 use crate::pci_segment::{PciSegment, PciSegmentError};
 use crate::virtio::{add_virtio_pci_device, VirtioError, VirtioPciHandle};
 
@@ -132,6 +132,8 @@ pub struct DeviceManager {
     cmos: Arc<Mutex<Cmos>>,
     pci: PciSegment,
     msi_router: Arc<MsiRouter>,
+    /// INTA# of each PCI slot, on the IOAPIC pins the DSDT routes them to.
+    pci_intx: PciIntx,
     ged: Arc<Mutex<Ged>>,
     cpu_hotplug: Arc<Mutex<CpuHotplugController>>,
     pci_hotplug: Arc<Mutex<PciHotplugController>>,
@@ -266,6 +268,7 @@ impl DeviceManager {
         Ok(DeviceManager {
             io_bus,
             mmio_bus,
+            pci_intx: PciIntx::new(&ioapic),
             ioapic,
             serial,
             cmos,
@@ -327,11 +330,18 @@ impl DeviceManager {
         mem: &virtio_devices::GuestMemory,
         device: Box<dyn virtio_devices::VirtioDevice>,
     ) -> Result<u8, DeviceError> {
-        let handle = add_virtio_pci_device(&self.vm, &self.pci, &self.msi_router, mem, device)
-            .map_err(|source| DeviceError::Virtio {
-                name: name.clone(),
-                source,
-            })?;
+        let handle = add_virtio_pci_device(
+            &self.vm,
+            &self.pci,
+            &self.msi_router,
+            &self.pci_intx,
+            mem,
+            device,
+        )
+        .map_err(|source| DeviceError::Virtio {
+            name: name.clone(),
+            source,
+        })?;
         let slot = handle.slot;
         self.virtio.push((name, handle));
         Ok(slot)

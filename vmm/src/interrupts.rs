@@ -1,9 +1,16 @@
-//! Message-signalled interrupts for PCI devices: each MSI-X vector gets a GSI, a KVM MSI route and an irqfd, so a
-//! device thread (or, later, a vhost-user backend) raises an interrupt with one eventfd write and KVM delivers it.
+//! Interrupts for PCI devices.
+//!
+//! Message-signalled: each MSI-X vector gets a GSI, a KVM MSI route and an irqfd, so a device thread (or, later, a
+//! vhost-user backend) raises an interrupt with one eventfd write and KVM delivers it.
+//!
+//! INTx: [`PciIntx`] wires INTA# of each slot to the IOAPIC pin the DSDT's `_PRT` names for it. Several slots share
+//! a pin, so each pin is a [`SharedLevelLine`] and each device gets its own source on it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use devices::ioapic::Ioapic;
+use devices::{LevelSource, SharedLevelLine};
 use hypervisor::{MsiRoute, Vm};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -204,5 +211,98 @@ impl Drop for DeviceMsi {
         if let Err(e) = self.router.release(&self.gsis) {
             tracing::warn!("cannot release interrupt routes: {e}");
         }
+    }
+}
+
+/// INTA# of the slots on PCI bus 0: one shared level-triggered line per IOAPIC pin from
+/// [`arch::layout::PCI_INTX_GSI_BASE`] on, slots spread over them as [`arch::layout::pci_intx_gsi`] says.
+pub struct PciIntx {
+    /// Indexed by GSI minus `PCI_INTX_GSI_BASE`.
+    lines: Vec<SharedLevelLine>,
+}
+
+impl PciIntx {
+    /// Shared lines on the IOAPIC's PCI pins.
+    pub fn new(ioapic: &Arc<Mutex<Ioapic>>) -> Self {
+        let base = arch::layout::PCI_INTX_GSI_BASE;
+        let lines = (base..base + arch::layout::PCI_INTX_GSIS)
+            .map(|gsi| SharedLevelLine::new(Ioapic::pin(ioapic, gsi as usize)))
+            .collect();
+        PciIntx { lines }
+    }
+
+    /// The GSI INTA# of `slot` raises and a new source on its line for the device in that slot; `None` for the host
+    /// bridge's slot 0 and slots that do not exist.
+    pub fn inta(&self, slot: u8) -> Option<(u32, Arc<LevelSource>)> {
+        let gsi = arch::layout::pci_intx_gsi(slot, 0)?;
+        let line = self
+            .lines
+            .get(usize::try_from(gsi.checked_sub(arch::layout::PCI_INTX_GSI_BASE)?).ok()?)?;
+        Some((gsi, line.source()))
+    }
+}
+
+impl std::fmt::Debug for PciIntx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciIntx")
+            .field("lines", &self.lines)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use devices::{BusDevice, InterruptLine, MsiSender};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<u32>>);
+
+    impl MsiSender for Sent {
+        fn send_msi(&self, _address: u64, data: u32) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(data);
+            Ok(())
+        }
+    }
+
+    /// Routes IOAPIC `pin` level-triggered to `vector`, unmasked.
+    fn route_level(ioapic: &Arc<Mutex<Ioapic>>, pin: u8, vector: u8) {
+        let mut io = ioapic.lock().unwrap();
+        io.write(0, &[0x10 + 2 * pin]);
+        io.write(0x10, &(u32::from(vector) | 1 << 15).to_le_bytes());
+    }
+
+    #[test]
+    fn slots_sharing_a_gsi_share_one_level_line() {
+        let sent = Arc::new(Sent::default());
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(sent.clone())));
+        let intx = PciIntx::new(&ioapic);
+        assert!(intx.inta(0).is_none(), "the host bridge has no INTx");
+        assert!(intx.inta(32).is_none());
+        let (gsi1, slot1) = intx.inta(1).unwrap();
+        let (gsi9, slot9) = intx.inta(9).unwrap();
+        let (gsi2, slot2) = intx.inta(2).unwrap();
+        assert_eq!((gsi1, gsi9, gsi2), (17, 17, 18));
+        route_level(&ioapic, 17, 0x60);
+        route_level(&ioapic, 18, 0x61);
+
+        slot1.set_level(true).unwrap();
+        slot9.set_level(true).unwrap();
+        slot2.set_level(true).unwrap();
+        assert_eq!(*sent.0.lock().unwrap(), [0xc060, 0xc061]);
+        // Slot 1 serviced, slot 9 still asserting: the EOI delivers pin 17 again.
+        slot1.set_level(false).unwrap();
+        ioapic.lock().unwrap().end_of_interrupt(0x60);
+        assert_eq!(sent.0.lock().unwrap().len(), 3);
+        // Slot 9's device goes away while asserting: its share is released.
+        slot9.detach().unwrap();
+        ioapic.lock().unwrap().end_of_interrupt(0x60);
+        assert_eq!(sent.0.lock().unwrap().len(), 3);
+        let levels = ioapic.lock().unwrap().state().pin_levels;
+        assert_eq!(levels & (1 << 17), 0);
+        assert_ne!(levels & (1 << 18), 0);
+        drop(slot2);
+        assert_eq!(ioapic.lock().unwrap().state().pin_levels, 0);
     }
 }

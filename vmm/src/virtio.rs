@@ -1,14 +1,16 @@
-//! Virtio devices on PCI, VMM side: BAR space, MSI-X vectors (GSI routes + irqfds), queue doorbells (ioeventfds),
-//! and following the BAR when the guest moves it. Each device's live handles are kept in a [`VirtioPciHandle`] so a
-//! device can be removed at run time.
+//! Virtio devices on PCI, VMM side: BAR space, MSI-X vectors (GSI routes + irqfds), INTA# on the IOAPIC pin of its
+//! slot, queue doorbells (ioeventfds), and following the BAR when the guest moves it. Each device's live handles are
+//! kept in a [`VirtioPciHandle`] so a device can be removed at run time.
 
 use std::sync::{Arc, Mutex};
 
+use devices::LevelSource;
 use hypervisor::{IoEventAddress, Vm};
+use pci::{PciBusError, PciDevice};
 use virtio_devices::{GuestMemory, VirtioDevice, VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::interrupts::{DeviceMsi, InterruptError, MsiRouter};
+use crate::interrupts::{DeviceMsi, InterruptError, MsiRouter, PciIntx};
 use crate::pci_segment::{BarMoveHook, PciSegment, PciSegmentError};
 
 /// Errors adding a virtio device.
@@ -90,33 +92,61 @@ pub struct VirtioPciHandle {
     pub device: Arc<Mutex<VirtioPciDevice>>,
     doorbells: Arc<Mutex<Doorbells>>,
     _msi: Arc<DeviceMsi>,
+    /// The device's share of its slot's INTx line.
+    intx: Arc<LevelSource>,
 }
 
 impl VirtioPciHandle {
-    /// Takes the device off the bus: unmaps its BARs, unregisters its doorbells and frees its interrupt routes.
+    /// Takes the device off the bus: unmaps its BARs, unregisters its doorbells, frees its interrupt routes and
+    /// releases its INTx line (for good, even if the device thread has not let go of it yet).
     pub fn remove(self, segment: &PciSegment) -> Result<(), PciSegmentError> {
         segment.remove_device(self.slot)?;
         let doorbells = self.doorbells.lock().unwrap_or_else(|p| p.into_inner());
         doorbells.unregister(doorbells.base);
+        if let Err(e) = self.intx.detach() {
+            tracing::warn!(
+                "cannot release the INTx line of PCI slot {}: {e}",
+                self.slot
+            );
+        }
         Ok(())
     }
 }
 
-/// Puts `device` on the PCI bus as a virtio-pci function.
+/// The lowest free device slot on the bus (slot 0 is the host bridge's).
+fn free_slot(segment: &PciSegment) -> Result<u8, PciSegmentError> {
+    let occupied = segment.occupied_slots();
+    (1..pci::NUM_DEVICE_SLOTS)
+        .find(|slot| !occupied.contains(slot))
+        .ok_or(PciSegmentError::Bus(PciBusError::NoFreeSlot))
+}
+
+/// Puts `device` on the PCI bus as a virtio-pci function in the lowest free slot, with MSI-X and INTA# (wired as
+/// `intx` says for that slot). The caller serializes additions (the slot is chosen before the device is placed).
 pub fn add_virtio_pci_device(
     vm: &Arc<dyn Vm>,
     segment: &PciSegment,
     router: &Arc<MsiRouter>,
+    intx: &PciIntx,
     mem: &GuestMemory,
     device: Box<dyn VirtioDevice>,
 ) -> Result<VirtioPciHandle, VirtioError> {
     let queues = device.queue_max_sizes().len();
+    let slot = free_slot(segment)?;
+    let (gsi, intx) = intx
+        .inta(slot)
+        .ok_or(PciSegmentError::Bus(PciBusError::SlotOutOfRange(slot)))?;
     let bar = segment.allocate_bar(VIRTIO_PCI_BAR_SIZE, true)?;
     // One vector per queue plus the configuration-change vector.
     let vectors = u16::try_from(queues + 1).unwrap_or(u16::MAX);
     let msi = router.device_vectors(vectors)?;
-    let function = VirtioPciDevice::new(device, mem.clone(), bar, msi.clone(), None)
-        .map_err(VirtioError::Transport)?;
+    let mut function =
+        VirtioPciDevice::new(device, mem.clone(), bar, msi.clone(), Some(intx.clone()))
+            .map_err(VirtioError::Transport)?;
+    // What firmware would leave in Interrupt Line for guests that do not read the ACPI routing; GSIs 16-23 fit.
+    function
+        .config_mut()
+        .set_interrupt_line(u8::try_from(gsi).unwrap_or(u8::MAX));
     let fds = function
         .ioeventfds(bar)
         .map_err(|e| VirtioError::Doorbell(e.to_string()))?
@@ -138,7 +168,7 @@ pub fn add_virtio_pci_device(
             .unwrap_or_else(|p| p.into_inner())
             .moved(old, new);
     });
-    let slot = match segment.add_device(None, device.clone(), Some(hook)) {
+    let slot = match segment.add_device(Some(slot), device.clone(), Some(hook)) {
         Ok(slot) => slot,
         Err(e) => {
             doorbells
@@ -153,5 +183,6 @@ pub fn add_virtio_pci_device(
         device,
         doorbells,
         _msi: msi,
+        intx,
     })
 }
