@@ -23,6 +23,7 @@ pub mod ioapic;
 pub mod memory_hotplug;
 pub mod pci_hotplug;
 pub mod pic;
+pub mod pit;
 pub mod platform;
 pub mod port80;
 pub mod serial;
@@ -37,4 +38,5 @@ pub use interrupt::{InterruptLine, LevelSource, MsiMessage, MsiSender, SharedLev
 pub use memory_hotplug::MemoryHotplugController;
 pub use pci_hotplug::PciHotplugController;
 pub use pic::{pic_bus_devices, pic_irq_line, Pic, PicOutput, PicState};
+pub use pit::{pit_bus_devices, Pit, PitError, PitState};
 pub use platform::PlatformEvents;
