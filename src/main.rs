@@ -188,6 +188,23 @@ fn parse_cli() -> Result<Cli, (String, i32)> {
     })
 }
 
+/// Sends log events to stderr: errors only by default, one more level per `-v`.
+fn init_logging(verbosity: u8) {
+    let level = match verbosity {
+        0 => tracing::Level::ERROR,
+        1 => tracing::Level::WARN,
+        2 => tracing::Level::INFO,
+        3 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    // Fails only if a subscriber is already installed, which leaves logging as it was.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 /// Runs atrium and returns the process exit status, having printed the one-line error if there was one.
 fn run() -> i32 {
     let cli = match parse_cli() {
@@ -204,7 +221,8 @@ fn run() -> i32 {
         .clone()
         .map(|s| PathBuf::from(s.strip_prefix("path=").unwrap_or(&s)));
     // With an API socket and no kernel, the VM comes later through the API.
-    let wants_vm = api_socket.is_none() || cli.kernel.is_some();
+    let wants_vm = api_socket.is_none() || cli.kernel.is_some() || cli.firmware.is_some();
+    init_logging(cli.verbose);
     let config = match cli.into_config().and_then(|c| c.validate().map(|()| c)) {
         Ok(config) => config,
         Err(e) => {

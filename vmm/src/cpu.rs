@@ -92,6 +92,51 @@ pub struct VcpuContext {
     pub ioapic: Arc<Mutex<devices::ioapic::Ioapic>>,
     /// Whether a triple fault resets the VM rather than ending it as a crash.
     pub triple_fault_resets: bool,
+    /// The legacy PIC, whose interrupts go to vCPU 0 as ExtINT (firmware boots only).
+    pub extint: Option<Arc<dyn ExtIntSource>>,
+    /// Kicks vCPU 0 out of KVM_RUN when the PIC has something for it.
+    pub boot_vcpu_kicker: Arc<VcpuKicker>,
+}
+
+/// A legacy interrupt controller (8259 PIC) wired to the boot vCPU's LINT0.
+pub trait ExtIntSource: Send + Sync {
+    /// Whether the controller's interrupt output is asserted.
+    fn pending(&self) -> bool;
+    /// The interrupt acknowledge cycle: the vector to deliver (None if the request went away).
+    fn acknowledge(&self) -> Option<u8>;
+}
+
+/// Interrupts one vCPU thread's KVM_RUN (the thread registers itself while it runs).
+///
+/// A kick that lands between the thread's last look at the interrupt controller and its entry into KVM_RUN is lost;
+/// the controller's next request kicks again (the PIT's next tick at the latest), so it delays an interrupt and never
+/// loses one.
+#[derive(Default)]
+pub struct VcpuKicker {
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+impl VcpuKicker {
+    /// Interrupts the registered thread's KVM_RUN, if a thread is registered.
+    pub fn kick(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(thread) = *thread {
+            // SAFETY: the thread is registered only between `register` and `unregister`, both called by the thread
+            // itself while it runs, and the lock is held here, so the id names a live thread; the kick signal's
+            // handler does nothing, so it cannot kill the process.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    fn register(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(me);
+    }
+
+    fn unregister(&self) {
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -250,7 +295,20 @@ struct VcpuThread {
 
 impl VcpuThread {
     /// The state machine: `Running` enters the guest; `Paused` and `Stopped` wait for events.
-    fn run(mut self) -> Box<dyn Vcpu> {
+    fn run(self) -> Box<dyn Vcpu> {
+        let kicker =
+            (self.id == 0 && self.ctx.extint.is_some()).then(|| self.ctx.boot_vcpu_kicker.clone());
+        if let Some(k) = &kicker {
+            k.register();
+        }
+        let vcpu = self.run_states();
+        if let Some(k) = &kicker {
+            k.unregister();
+        }
+        vcpu
+    }
+
+    fn run_states(mut self) -> Box<dyn Vcpu> {
         #[derive(PartialEq)]
         enum State {
             Running,
@@ -302,6 +360,11 @@ impl VcpuThread {
 
     /// Runs the vCPU once and decides what its exit means. This is the one place vCPU exits are interpreted.
     fn dispatch_exit(&mut self) -> ExitAction {
+        if self.id == 0 {
+            if let Err(e) = self.inject_pic_interrupt() {
+                return ExitAction::Stop(StopReason::VcpuError(format!("vCPU {}: {e}", self.id)));
+            }
+        }
         let exit = match self.vcpu.run(self.ctx.io.as_ref()) {
             Ok(exit) => exit,
             Err(e) => {
@@ -358,6 +421,26 @@ impl VcpuThread {
 
     fn registers(&self) -> String {
         format_registers(self.vcpu.as_ref())
+    }
+
+    /// Before entering the guest: hands a pending PIC interrupt to the vCPU if it can take one now, and otherwise asks
+    /// for an exit as soon as it can.
+    fn inject_pic_interrupt(&mut self) -> Result<(), hypervisor::HypervisorError> {
+        let Some(pic) = &self.ctx.extint else {
+            return Ok(());
+        };
+        if !pic.pending() {
+            self.vcpu.request_interrupt_window(false);
+            return Ok(());
+        }
+        if self.vcpu.ready_for_interrupt_injection() {
+            if let Some(vector) = pic.acknowledge() {
+                self.vcpu.inject_external_interrupt(vector)?;
+            }
+        }
+        // Another request may be waiting behind the one just injected (or the guest could not take one yet).
+        self.vcpu.request_interrupt_window(pic.pending());
+        Ok(())
     }
 }
 

@@ -23,7 +23,9 @@ use hypervisor::Vm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::ConsoleWriter;
+use crate::cpu::VcpuKicker;
 use crate::interrupts::{MsiRouter, PciIntx};
+use crate::legacy::LegacyPc;
 use crate::pci_segment::{PciSegment, PciSegmentError};
 use crate::virtio::{add_virtio_pci_device, VirtioError, VirtioPciHandle};
 
@@ -142,6 +144,10 @@ pub struct DeviceManager {
     /// Devices the guest boots from (a `bootindex`): never hot-removed.
     boot_devices: std::collections::BTreeSet<String>,
     vm: Arc<dyn Vm>,
+    /// The legacy PC devices (firmware boots only).
+    legacy: Option<LegacyPc>,
+    /// Wakes vCPU 0 for the legacy PIC.
+    boot_vcpu_kicker: Arc<VcpuKicker>,
     /// Devices kept alive here; the buses hold weak references.
     _owned: Vec<Arc<Mutex<dyn BusDevice>>>,
 }
@@ -281,8 +287,26 @@ impl DeviceManager {
             virtio: Vec::new(),
             boot_devices: Default::default(),
             vm: vm.clone(),
+            legacy: None,
+            boot_vcpu_kicker: Arc::new(VcpuKicker::default()),
             _owned: others,
         })
+    }
+
+    /// Adds the legacy PC devices firmware needs (PIC, PIT, ports 0x61 and 0x92); their interrupts reach vCPU 0.
+    pub fn add_legacy_pc(&mut self) -> Result<(), DeviceError> {
+        self.legacy = Some(LegacyPc::new(&self.io_bus, self.boot_vcpu_kicker.clone())?);
+        Ok(())
+    }
+
+    /// The legacy PIC as vCPU 0's external interrupt source, if the VM has one.
+    pub fn extint(&self) -> Option<Arc<dyn crate::cpu::ExtIntSource>> {
+        self.legacy.as_ref().map(LegacyPc::extint)
+    }
+
+    /// Kicks vCPU 0 when the legacy PIC has an interrupt for it.
+    pub fn boot_vcpu_kicker(&self) -> &Arc<VcpuKicker> {
+        &self.boot_vcpu_kicker
     }
 
     /// The port I/O bus.
@@ -303,6 +327,21 @@ impl DeviceManager {
     /// COM1, if the VM has one.
     pub fn serial(&self) -> Option<&Arc<Mutex<Serial>>> {
         self.serial.as_ref()
+    }
+
+    /// Places a device the VM keeps for its whole life at `base` on the port I/O bus.
+    pub fn add_io_device(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+        name: &'static str,
+    ) -> Result<(), DeviceError> {
+        self.io_bus
+            .insert(device.clone(), base, len)
+            .map_err(|source| DeviceError::Bus { name, source })?;
+        self._owned.push(device);
+        Ok(())
     }
 
     /// The CMOS state (kept across a guest reboot).

@@ -1,6 +1,6 @@
 //! Booting through firmware (`--firmware`): the image mapped read-only so that it ends at 4 GiB (where the vCPU's
-//! reset vector points), its last 128 KiB copied into the legacy BIOS area below 1 MiB (already "shadowed": RAM the
-//! firmware may write), and the fw_cfg items QEMU-compatible firmware (SeaBIOS, OVMF) reads to learn the machine.
+//! reset vector points), its last 256 KiB copied into the legacy BIOS area below 1 MiB (already "shadowed": RAM the
+//! firmware may write; see `arch::layout::BIOS_ALIAS_END`), and the fw_cfg items QEMU-compatible firmware (SeaBIOS, OVMF) reads to learn the machine.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,8 +74,8 @@ pub fn load_image(path: &Path) -> Result<Vec<u8>, FirmwareError> {
     Ok(image)
 }
 
-/// Maps `image` read-only so that it ends at 4 GiB and copies its last 128 KiB (or all of a smaller image) into RAM
-/// so that it ends at 1 MiB, as a PC chipset aliases the top of the flash there.
+/// Maps `image` read-only so that it ends at 4 GiB and copies its last 256 KiB (or all of a smaller image) into RAM
+/// so that it ends at 1 MiB, as a PC chipset aliases the top of the flash there and firmware shadows it.
 pub fn install(
     vm: &Arc<dyn Vm>,
     memory: &mut MemoryManager,

@@ -16,6 +16,7 @@ pub mod events;
 pub mod firmware;
 pub mod interrupts;
 pub mod io;
+pub mod legacy;
 pub mod memory;
 pub mod payload;
 pub mod pci_segment;

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use arch::BootSetup;
 use hypervisor::{Hypervisor, Vcpu};
 
-use crate::config::{DiskImageFormat, TripleFaultAction, VmConfig};
+use crate::config::{DiskImageFormat, TripleFaultAction, VmConfig, DEFAULT_BOOT_TIMEOUT};
 use crate::console::Console;
 use crate::cpu::{self, BootEntry, CpuError, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup, IOAPIC_PINS};
 use crate::events::VmEvents;
+use crate::firmware::{self, FirmwareError};
 use crate::io::IoDispatch;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::payload::{self, PayloadError};
@@ -35,6 +36,9 @@ pub enum BuildError {
     /// Devices.
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    /// The firmware image or what it is told.
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
     /// MP or ACPI tables, or the zero page.
     #[error("cannot write the boot tables: {0}")]
     BootTables(String),
@@ -96,12 +100,19 @@ impl Vm {
         vm.create_split_irqchip(IOAPIC_PINS)
             .map_err(BuildError::CreateVm)?;
 
-        // 2. Guest RAM.
-        let memory = MemoryManager::new(&vm, config.memory.size)?;
+        // 2. Guest RAM, and the firmware image when booting through firmware.
+        let mut memory = MemoryManager::new(&vm, config.memory.size)?;
+        if let Some(fw) = &config.firmware {
+            let image = firmware::load_image(&fw.path)?;
+            firmware::install(&vm, &mut memory, &image)?;
+        }
         let mem = memory.guest_memory();
 
-        // 3. Kernel, command line, initramfs.
-        let loaded = payload::load(mem, &config.payload, guests::DEMO)?;
+        // 3. Kernel, command line, initramfs (firmware finds its own boot loader on the disks).
+        let loaded = match config.firmware {
+            Some(_) => None,
+            None => Some(payload::load(mem, &config.payload, guests::DEMO)?),
+        };
 
         // 4. Devices.
         let ram = memory.ram_size();
@@ -131,14 +142,19 @@ impl Vm {
         // 5. Virtio devices on PCI: disks first (in the order given), then the entropy device.
         let mut devices = devices;
         let guest_mem = virtio_devices::GuestMemory::new(mem.clone());
+        let mut boot_disks = Vec::new();
         for (index, disk) in config.disks.iter().enumerate() {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
             let block = create_block(disk)?;
             if disk.bootindex.is_some() {
                 devices.mark_boot_device(&name);
             }
-            devices.add_virtio(name, &guest_mem, block)?;
+            let slot = devices.add_virtio(name, &guest_mem, block)?;
+            if let Some(bootindex) = disk.bootindex {
+                boot_disks.push((bootindex, slot));
+            }
         }
+        boot_disks.sort();
         for (index, net) in config.nets.iter().enumerate() {
             let name = net.id.clone().unwrap_or_else(|| format!("net{index}"));
             let device = create_net(net, net_fds)?;
@@ -166,9 +182,46 @@ impl Vm {
             devices.add_virtio("rng0".to_string(), &guest_mem, Box::new(device))?;
         }
 
-        // 6. Platform tables the guest discovers CPUs and interrupts from.
+        // 6. Platform tables the guest discovers CPUs and interrupts from: written here for a kernel, handed to the
+        //    firmware through fw_cfg otherwise (it builds its own MP table and installs Atrium's ACPI tables).
         let boot_cpus = config.cpus.boot_vcpus;
         let max_cpus = config.cpus.max_vcpus;
+        let Some(loaded) = loaded else {
+            let fw = config
+                .firmware
+                .as_ref()
+                .map_or(DEFAULT_BOOT_TIMEOUT, |f| f.boot_timeout);
+            let fw_cfg = firmware::fw_cfg(
+                mem,
+                &firmware::FwCfgSetup {
+                    cpus: (boot_cpus, max_cpus),
+                    ram: (below_4g, ram - below_4g),
+                    memory_slots,
+                    boot_order: boot_disks.iter().map(|(_, slot)| *slot).collect(),
+                    serial_port: console.enabled().then_some(firmware::SERCON_PORT),
+                    boot_fail_wait_ms: fw.saturating_mul(1000),
+                },
+            )?;
+            devices.add_legacy_pc()?;
+            devices.add_io_device(
+                Arc::new(std::sync::Mutex::new(fw_cfg)),
+                u64::from(devices::fw_cfg::FW_CFG_PORT),
+                devices::fw_cfg::FW_CFG_PORT_LEN,
+                "fw_cfg",
+            )?;
+            return Self::finish_build(
+                hv,
+                config,
+                &vm,
+                memory,
+                devices,
+                guest_mem,
+                console_input,
+                memory_slots,
+                events,
+                None,
+            );
+        };
         match arch::mptable::setup_mptable(mem, boot_cpus) {
             Ok(()) => {}
             // The legacy MP table has room for a few dozen CPUs; larger guests find them through ACPI alone.
@@ -195,12 +248,46 @@ impl Vm {
         )
         .map_err(|e| BuildError::BootTables(e.to_string()))?;
 
-        // 8. vCPUs: the boot vCPU at the entry point, the others waiting for the guest's INIT/SIPI.
-        let base_cpuid = hv.supported_cpuid().map_err(BuildError::CreateVm)?;
         let boot = BootEntry {
             entry: loaded.entry,
             protocol: loaded.protocol,
         };
+        Self::finish_build(
+            hv,
+            config,
+            &vm,
+            memory,
+            devices,
+            guest_mem,
+            console_input,
+            memory_slots,
+            events,
+            Some(boot),
+        )
+    }
+
+    /// The recipe's last step, shared by kernel and firmware boots: the vCPUs (the boot vCPU at the kernel's entry,
+    /// or in its reset state at the firmware's reset vector; the others waiting for the guest's INIT/SIPI).
+    #[allow(clippy::too_many_arguments)]
+    fn finish_build(
+        hv: &dyn Hypervisor,
+        config: &VmConfig,
+        vm: &Arc<dyn hypervisor::Vm>,
+        memory: MemoryManager,
+        devices: DeviceManager,
+        guest_mem: virtio_devices::GuestMemory,
+        console_input: Option<virtio_devices::ConsoleInput>,
+        memory_slots: u32,
+        events: Arc<VmEvents>,
+        boot: Option<BootEntry>,
+    ) -> Result<Vm, BuildError> {
+        let vm = vm.clone();
+        let mem = memory.guest_memory();
+        let ram = memory.ram_size();
+        let boot_cpus = config.cpus.boot_vcpus;
+        let max_cpus = config.cpus.max_vcpus;
+        // 8. vCPUs.
+        let base_cpuid = hv.supported_cpuid().map_err(BuildError::CreateVm)?;
         let mut pending_vcpus = Vec::new();
         for id in 0..boot_cpus {
             let vcpu = cpu::create_vcpu(
@@ -209,7 +296,7 @@ impl Vm {
                 max_cpus,
                 &base_cpuid,
                 mem,
-                (id == 0).then_some(&boot),
+                boot.as_ref().filter(|_| id == 0),
             )?;
             pending_vcpus.push((id, vcpu));
         }
@@ -223,6 +310,8 @@ impl Vm {
             events: events.clone(),
             ioapic: devices.ioapic().clone(),
             triple_fault_resets: config.triple_fault == TripleFaultAction::Reboot,
+            extint: devices.extint(),
+            boot_vcpu_kicker: devices.boot_vcpu_kicker().clone(),
         });
         Ok(Vm {
             vcpu_threads: Vec::new(),

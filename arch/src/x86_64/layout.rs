@@ -50,11 +50,13 @@ pub const RSDP_POINTER: u64 = 0xe0000;
 pub const FIRMWARE_END: u64 = 1 << 32;
 /// Largest firmware image accepted (a 16 MiB flash, enough for OVMF).
 pub const FIRMWARE_MAX_SIZE: u64 = 16 << 20;
-/// The last `BIOS_ALIAS_SIZE` bytes of the firmware are also copied below 1 MiB, ending here (the legacy BIOS area,
-/// where real-mode firmware runs and keeps its data).
+/// The last `BIOS_ALIAS_SIZE` bytes of the firmware are also copied below 1 MiB, ending here: the legacy option-ROM
+/// and BIOS area, where real-mode firmware runs and keeps its data. It is RAM from the start, as if the chipset had
+/// already shadowed the BIOS (there are no PAM registers): a 256 KiB SeaBIOS finds all of its code there, which on a
+/// PC it would copy down itself after unlocking the shadow RAM.
 pub const BIOS_ALIAS_END: u64 = 0x10_0000;
-/// Size of the legacy BIOS area copy (`0xe0000..0x100000`).
-pub const BIOS_ALIAS_SIZE: u64 = 128 << 10;
+/// Size of the legacy BIOS area copy (`0xc0000..0x100000`).
+pub const BIOS_ALIAS_SIZE: u64 = 256 << 10;
 /// End (exclusive) of the area reserved for ACPI tables.
 pub const ACPI_TABLES_END: u64 = 0x10_0000;
 
