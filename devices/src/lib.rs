@@ -26,6 +26,7 @@ pub mod pic;
 pub mod pit;
 pub mod platform;
 pub mod port80;
+pub mod port92;
 pub mod serial;
 
 mod host_time;
