@@ -13,6 +13,7 @@ pub mod acpi;
 pub mod bus;
 pub mod cmos;
 pub mod cpu_hotplug;
+pub mod debug_console;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod ged;
