@@ -1,6 +1,6 @@
-//! Assembles and links the in-tree test guests (GNU as via `gcc`, `ld`, `objcopy`) into `OUT_DIR`, and refuses
-//! to build a guest whose code uses instructions this project's guests must avoid (x87/SSE/MMX, `int3`,
-//! `cmpxchg16b`, `xsave`/`xrstor`), checked on `objdump -d` output.
+//! Assembles and links the in-tree test guests and boot-sector test disks (GNU as via `gcc`, `ld`, `objcopy`)
+//! into `OUT_DIR`, and refuses to build a guest whose code uses instructions this project's guests must avoid
+//! (x87/SSE/MMX, `int3`, `cmpxchg16b`, `xsave`/`xrstor`), checked on `objdump -d` output.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,6 +49,31 @@ const GUESTS: &[Guest] = &[
     },
 ];
 
+/// One boot-sector test disk: `bootdisk.S` assembled with its identity letter and boot signature choice.
+struct Disk {
+    id: u8,
+    bootable: bool,
+    file: &'static str,
+}
+
+const DISKS: &[Disk] = &[
+    Disk {
+        id: b'A',
+        bootable: true,
+        file: "boot-a.img",
+    },
+    Disk {
+        id: b'B',
+        bootable: true,
+        file: "boot-b.img",
+    },
+    Disk {
+        id: b'N',
+        bootable: false,
+        file: "nonbootable.img",
+    },
+];
+
 /// Disassembly text that means the guest would fault on a host whose KVM emulates guest code.
 const FORBIDDEN: &[&str] = &[
     "%xmm",
@@ -82,6 +107,37 @@ fn main() {
     for guest in GUESTS {
         build(guest, &asm, &out);
     }
+    for disk in DISKS {
+        build_disk(disk, &asm, &out);
+    }
+}
+
+/// Assembles one variant of the boot-sector disk and writes its raw image (sector 0 first) to `out`.
+fn build_disk(disk: &Disk, asm: &Path, out: &Path) {
+    let stem = disk.file.trim_end_matches(".img");
+    let object = out.join(format!("{stem}.o"));
+    let linked = out.join(format!("{stem}.elf"));
+    run(Command::new("gcc")
+        .arg("-c")
+        .arg("-Wa,--fatal-warnings")
+        .arg(format!("-Wa,--defsym,DISK_ID={}", disk.id))
+        .arg(format!("-Wa,--defsym,BOOTABLE={}", u8::from(disk.bootable)))
+        .arg("-o")
+        .arg(&object)
+        .arg(asm.join("bootdisk.S")));
+    check_instructions(&object);
+    run(Command::new("ld")
+        .arg("-T")
+        .arg(asm.join("bootdisk.ld"))
+        .args(["-nostdlib", "-static", "--build-id=none"])
+        .args(["--no-warn-rwx-segments", "--fatal-warnings"])
+        .arg("-o")
+        .arg(&linked)
+        .arg(&object));
+    run(Command::new("objcopy")
+        .args(["-O", "binary"])
+        .arg(&linked)
+        .arg(out.join(disk.file)));
 }
 
 fn build(guest: &Guest, asm: &Path, out: &Path) {

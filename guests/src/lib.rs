@@ -24,6 +24,14 @@
 //!   `memhp: ...`, and ACPI power-off for the power button; `hotplug-max=<n>` ends it after n interrupts. `tick`
 //!   (or `tick=<ms>`) prints `tick: <n>` every 50 ms (or <ms>) until the VM stops, to show whether guest time
 //!   runs. The grammars are at the top of `guests/asm/hotplug*.inc` and `tick.inc`.
+//!
+//! [`BootDisk`] is different: raw disk images for firmware boot, whose 16-bit boot sector prints
+//! `atrium-boot: ...` lines through the BIOS, reads its second sector through INT 13h and powers off through
+//! ACPI ([`BootDisk::path`], [`BootDisk::boot_lines`]).
+
+mod bootdisk;
+
+pub use bootdisk::{BootDisk, BOOT_DONE_LINE};
 
 use std::path::PathBuf;
 
