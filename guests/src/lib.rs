@@ -17,7 +17,9 @@
 //!   the top of `guests/asm/pci.inc`, `virtio.inc` and `virtio_*.inc`; `tests/qemu_virtio.rs` runs them against
 //!   QEMU's devices. `vsock-connect=<port>` and `vsock-listen=<port>` drive a virtio-vsock device (connect to the
 //!   host's port and print its reply line, or accept a connection and echo a line back); their `vsock: ...` lines
-//!   are defined at the top of `guests/asm/virtio_vsock.inc`.
+//!   are defined at the top of `guests/asm/virtio_vsock.inc`. An `intx` item makes the virtio actions after it
+//!   leave MSI-X off and take INTx through the IOAPIC pin Atrium's `_PRT` gives the slot (an `intx: ...` line
+//!   per device, defined in `guests/asm/virtio.inc`).
 //! - `hotplug` routes the GED's IOAPIC pin, prints `hotplug: ready` and then handles GED interrupts by speaking
 //!   the CPU, PCI and memory hotplug controllers' registers directly (the guests run no AML): `ged: ...`,
 //!   `cpuhp: ...`, `pcihp: ...` (with the usual `virtio:` / `blk:` lines for a hot-added virtio-blk device),
