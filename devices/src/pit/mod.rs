@@ -270,20 +270,11 @@ impl Pit {
     /// last one delivered (once, however many periods went by) and re-arms the timer for the next one. A failure to
     /// raise the interrupt or re-arm is logged.
     pub fn handle_timer(&mut self) {
-        // The count of expirations does not matter (and is zero if a guest write re-armed the timer since).
-        let mut expirations = [0u8; 8];
-        // SAFETY: the buffer is valid for writes of its length; the timerfd is non-blocking and owned by `self`.
-        let read = unsafe {
-            libc::read(
-                self.timer.as_raw_fd(),
-                expirations.as_mut_ptr().cast(),
-                expirations.len(),
-            )
-        };
-        if read < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::WouldBlock {
-                tracing::warn!("PIT: cannot read the timerfd: {err}");
+        // The count of expirations does not matter (and is zero if a guest write re-armed the timer since, which
+        // the non-blocking descriptor reports as EAGAIN).
+        if let Err(e) = self.timer.wait() {
+            if e.errno() != libc::EAGAIN {
+                tracing::warn!("PIT: cannot read the timerfd: {e}");
             }
         }
 
