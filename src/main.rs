@@ -22,7 +22,8 @@ Exit codes:
   2    command-line syntax error
   3    the guest triple-faulted (with --triple-fault crash)
   4    the guest crashed: KVM internal error or emulation failure
-  5    the VMM failed while the guest ran";
+  5    the VMM failed while the guest ran
+  6    the firmware found no bootable disk (with --firmware, after --boot-timeout)";
 
 /// What happens when the guest triple-faults.
 #[derive(Clone, Copy, Debug, ValueEnum)]

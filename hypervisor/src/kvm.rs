@@ -246,14 +246,16 @@ impl KvmVcpu {
 
 impl Vcpu for KvmVcpu {
     fn run(&mut self, handler: &dyn ExitHandler) -> Result<VmExit> {
+        // Port I/O is handled after the match, once the exit's borrow of the run area has ended, because a string
+        // instruction (`rep insb`, `rep outsw`...) needs the access size, which only the run structure holds.
+        let mut port_io = None;
         let exit = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                data.fill(0);
-                handler.pio_read(port, data);
+                port_io = Some((port, data.as_mut_ptr(), data.len(), true));
                 VmExit::Handled
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                handler.pio_write(port, data);
+                port_io = Some((port, data.as_ptr().cast_mut(), data.len(), false));
                 VmExit::Handled
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -280,6 +282,24 @@ impl Vcpu for KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => VmExit::Interrupted,
             Err(e) => return Err(HypervisorError::ioctl("KVM_RUN", e)),
         };
+        if let Some((port, ptr, len, is_in)) = port_io {
+            // SAFETY: KVM_RUN just returned KVM_EXIT_IO, so `io` is the exit union's active member.
+            let size =
+                usize::from(unsafe { self.fd.get_kvm_run().__bindgen_anon_1.io.size }).max(1);
+            // SAFETY: `ptr..ptr+len` is the I/O data area kvm-ioctls sliced from this vCPU's run mapping, which lives as
+            // long as `self.fd`; it lies past the `kvm_run` structure (at `io.data_offset`), so the reference to the
+            // structure taken above does not overlap it, and no other reference to it exists now.
+            let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            // One access per element: `count` accesses of `size` bytes each.
+            for element in data.chunks_mut(size) {
+                if is_in {
+                    element.fill(0);
+                    handler.pio_read(port, element);
+                } else {
+                    handler.pio_write(port, element);
+                }
+            }
+        }
         Ok(exit)
     }
 

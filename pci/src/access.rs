@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::BusDevice;
+use devices::{BusDevice, PlatformEvents};
 
 use crate::bar::PciBarRegionType;
 use crate::bus::{PciAddress, PciBus};
@@ -107,10 +107,20 @@ impl ConfigAccess {
 ///
 /// Only the 256-byte standard space is reachable this way (the AMD extension putting register bits 11:8 in
 /// CONFIG_ADDRESS bits 27:24 is not decoded); the extended space needs ECAM.
+///
+/// A byte written to 0xCF9 is the chipset's reset control register (as on PIIX and ICH chipsets, where firmware
+/// resets the machine by writing 0x06 there): with [`PciConfigIo::with_reset_control`], a write with bit 2 (reset
+/// CPU) set asks for a machine reset.
 pub struct PciConfigIo {
     access: ConfigAccess,
     config_address: u32,
+    reset: Option<Arc<dyn PlatformEvents>>,
 }
+
+/// Offset of the reset control register (port 0xCF9) in the range.
+const RESET_CONTROL_OFFSET: u64 = 1;
+/// Reset control bit 2: reset the CPU (bit 1, the reset type, only chooses how hard).
+const RESET_CONTROL_RESET_CPU: u8 = 1 << 2;
 
 impl PciConfigIo {
     /// The port device for `bus`, moving BARs through `mover`.
@@ -118,7 +128,14 @@ impl PciConfigIo {
         Self {
             access: ConfigAccess { bus, mover },
             config_address: 0,
+            reset: None,
         }
+    }
+
+    /// Makes byte writes to 0xCF9 reset the machine through `events` when they set the reset-CPU bit.
+    pub fn with_reset_control(mut self, events: Arc<dyn PlatformEvents>) -> Self {
+        self.reset = Some(events);
+        self
     }
 
     /// The function and register byte offset CONFIG_ADDRESS selects, or `None` when configuration cycles are off.
@@ -164,8 +181,13 @@ impl BusDevice for PciConfigIo {
                         .write(function, register + (offset - DATA_PORT_OFFSET), data);
                 }
             }
-            // Byte and word accesses to 0xCF8..0xCFB are not configuration cycles (firmware probes the mechanism
-            // with them); drop them.
+            RESET_CONTROL_OFFSET if data.len() == 1 && data[0] & RESET_CONTROL_RESET_CPU != 0 => {
+                if let Some(events) = &self.reset {
+                    events.reset();
+                }
+            }
+            // Other byte and word accesses to 0xCF8..0xCFB are not configuration cycles (firmware probes the
+            // mechanism with them); drop them.
             _ => {}
         }
     }

@@ -381,3 +381,39 @@ fn bar_adapter_routes_to_the_device() {
     bar9.read(0, &mut data);
     assert_eq!(data, [0xff; 4]);
 }
+
+#[derive(Default)]
+struct CountingEvents {
+    resets: std::sync::atomic::AtomicUsize,
+}
+
+impl devices::PlatformEvents for CountingEvents {
+    fn power_off(&self) {}
+    fn reset(&self) {
+        self.resets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn debug_exit(&self, _code: u8) {}
+}
+
+#[test]
+fn a_byte_write_to_0xcf9_with_the_reset_cpu_bit_resets_and_others_do_not() {
+    let events = Arc::new(CountingEvents::default());
+    let mut rig = rig();
+    rig.io =
+        PciConfigIo::new(rig.bus.clone(), rig.mover.clone()).with_reset_control(events.clone());
+    let resets = || events.resets.load(std::sync::atomic::Ordering::SeqCst);
+    // Firmware's sequence: select a hard reset (0x02), then reset the CPU (0x06).
+    rig.io.write(1, &[0x02]);
+    assert_eq!(resets(), 0);
+    rig.io.write(1, &[0x06]);
+    assert_eq!(resets(), 1);
+    // Word and dword accesses there are not the reset register.
+    rig.io.write(0, &[0x04, 0x04, 0x04, 0x04]);
+    rig.io.write(1, &[0x04, 0x04]);
+    assert_eq!(resets(), 1);
+    // Without a reset control the byte is dropped.
+    let mut plain = PciConfigIo::new(rig.bus.clone(), rig.mover.clone());
+    plain.write(1, &[0x06]);
+    assert_eq!(resets(), 1);
+}

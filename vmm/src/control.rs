@@ -20,6 +20,7 @@ const TOKEN_VM_EVENTS: u64 = u64::MAX;
 const TOKEN_SIGNAL: u64 = u64::MAX - 1;
 const TOKEN_API: u64 = u64::MAX - 2;
 const TOKEN_EJECT: u64 = u64::MAX - 3;
+const TOKEN_LEGACY_TIMER: u64 = u64::MAX - 4;
 /// Console fds are their own tokens; the virtio console's carry this bit.
 const VIRTIO_CONSOLE_TOKEN: u64 = 1 << 32;
 
@@ -162,6 +163,12 @@ impl Vmm {
                 net_fds: &self.net_fds,
             },
         )?;
+        if let Some(legacy) = vm.devices().legacy() {
+            // A closed descriptor leaves epoll by itself, so the previous boot's timer needs no removal.
+            self.epoll
+                .add(legacy.timer_fd(), TOKEN_LEGACY_TIMER)
+                .map_err(Error::ControlLoop)?;
+        }
         vm.start()?;
         self.vm = Some(vm);
         self.state = VmState::Running;
@@ -237,6 +244,13 @@ impl Vmm {
                     }
                     TOKEN_API => api(self),
                     TOKEN_EJECT => self.handle_ejects(),
+                    TOKEN_LEGACY_TIMER => {
+                        if let Some(legacy) = self.vm.as_ref().and_then(|vm| vm.devices().legacy())
+                        {
+                            legacy.handle_timer();
+                        }
+                        Next::Continue
+                    }
                     token if token & VIRTIO_CONSOLE_TOKEN != 0 => {
                         self.handle_virtio_console((token & 0xffff_ffff) as RawFd)
                     }
@@ -260,6 +274,19 @@ impl Vmm {
         let exit = match reason {
             StopReason::PowerOff => Ok(Outcome::PoweredOff),
             StopReason::DebugExit(code) => Ok(Outcome::DebugExit(code)),
+            StopReason::Reset
+                if self
+                    .vm
+                    .as_ref()
+                    .is_some_and(Vm::firmware_found_nothing_to_boot) =>
+            {
+                let seconds = self
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.firmware.as_ref())
+                    .map_or(0, |f| f.boot_timeout);
+                Err(Error::NoBootableDevice { seconds })
+            }
             StopReason::Reset if no_reboot => Ok(Outcome::ResetWithNoReboot),
             StopReason::Reset => {
                 tracing::info!("guest reset: rebooting");

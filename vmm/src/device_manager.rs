@@ -33,8 +33,12 @@ use crate::virtio::{add_virtio_pci_device, VirtioError, VirtioPciHandle};
 const COM1_PORT: u64 = 0x3f8;
 /// COM1's IOAPIC pin.
 const COM1_IRQ: usize = 4;
-/// The i8042's ports: 0x60 (data) to 0x64 (command/status).
-const I8042_PORT: u64 = 0x60;
+/// The i8042's data port.
+const I8042_DATA_PORT: u64 = 0x60;
+/// The i8042's command/status port.
+const I8042_COMMAND_PORT: u64 = 0x64;
+/// The firmware debug console.
+const DEBUG_CONSOLE_PORT: u64 = 0x402;
 /// CMOS index/data ports.
 const CMOS_PORT: u64 = 0x70;
 /// POST code port.
@@ -61,6 +65,9 @@ pub enum DeviceError {
     /// The PCI segment.
     #[error(transparent)]
     Pci(#[from] PciSegmentError),
+    /// A legacy PC device (PIC, PIT) could not be created.
+    #[error("cannot create the legacy PC devices: {0}")]
+    Legacy(String),
     /// A hotplug controller.
     #[error("hotplug: {0}")]
     Hotplug(String),
@@ -198,8 +205,25 @@ impl DeviceManager {
 
         let mut others: Vec<Arc<Mutex<dyn BusDevice>>> = Vec::new();
         let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
-        place(&io_bus, i8042.clone(), I8042_PORT, 5, "i8042")?;
-        others.push(i8042);
+        // Two one-port ranges, leaving 0x61 (between them) to the PIT's port B.
+        let i8042_ports = I8042::bus_devices(&i8042);
+        let len = devices::i8042::I8042_PORT_LEN;
+        place(
+            &io_bus,
+            i8042_ports.data.clone(),
+            I8042_DATA_PORT,
+            len,
+            "i8042 data",
+        )?;
+        place(
+            &io_bus,
+            i8042_ports.command.clone(),
+            I8042_COMMAND_PORT,
+            len,
+            "i8042 command",
+        )?;
+        others.push(i8042_ports.data);
+        others.push(i8042_ports.command);
 
         let acpi = Arc::new(Mutex::new(AcpiPmDevice::new(events.clone())));
         place(
@@ -216,7 +240,7 @@ impl DeviceManager {
         others.push(port80);
 
         if setup.debug_exit {
-            let dev = Arc::new(Mutex::new(DebugExit::new(events)));
+            let dev = Arc::new(Mutex::new(DebugExit::new(events.clone())));
             place(&io_bus, dev.clone(), DEBUG_EXIT_PORT, 1, "debug-exit")?;
             others.push(dev);
         }
@@ -269,7 +293,12 @@ impl DeviceManager {
         };
 
         // PCI segment 0: host bridge, configuration mechanism #1 and ECAM; devices come later.
-        let pci = PciSegment::new(&io_bus, &mmio_bus, setup.mem_below_4g + setup.mem_above_4g)?;
+        let pci = PciSegment::new(
+            &io_bus,
+            &mmio_bus,
+            setup.mem_below_4g + setup.mem_above_4g,
+            events.clone(),
+        )?;
 
         Ok(DeviceManager {
             io_bus,
@@ -294,14 +323,37 @@ impl DeviceManager {
     }
 
     /// Adds the legacy PC devices firmware needs (PIC, PIT, ports 0x61 and 0x92); their interrupts reach vCPU 0.
-    pub fn add_legacy_pc(&mut self) -> Result<(), DeviceError> {
-        self.legacy = Some(LegacyPc::new(&self.io_bus, self.boot_vcpu_kicker.clone())?);
+    pub fn add_legacy_pc(&mut self, events: Arc<dyn PlatformEvents>) -> Result<(), DeviceError> {
+        self.legacy = Some(LegacyPc::new(
+            &self.io_bus,
+            self.boot_vcpu_kicker.clone(),
+            events,
+        )?);
         Ok(())
+    }
+
+    /// Adds the firmware debug console (port 0x402), writing to `out`.
+    pub fn add_debug_console(
+        &mut self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<(), DeviceError> {
+        let console = Arc::new(Mutex::new(devices::debug_console::DebugConsole::new(out)));
+        self.add_io_device(
+            console,
+            DEBUG_CONSOLE_PORT,
+            devices::debug_console::DEBUG_CONSOLE_RANGE_LEN,
+            "debug console",
+        )
     }
 
     /// The legacy PIC as vCPU 0's external interrupt source, if the VM has one.
     pub fn extint(&self) -> Option<Arc<dyn crate::cpu::ExtIntSource>> {
         self.legacy.as_ref().map(LegacyPc::extint)
+    }
+
+    /// The legacy PC devices, if the VM has them.
+    pub fn legacy(&self) -> Option<&LegacyPc> {
+        self.legacy.as_ref()
     }
 
     /// Kicks vCPU 0 when the legacy PIC has an interrupt for it.

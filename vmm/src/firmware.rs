@@ -2,7 +2,9 @@
 //! reset vector points), its last 256 KiB copied into the legacy BIOS area below 1 MiB (already "shadowed": RAM the
 //! firmware may write; see `arch::layout::BIOS_ALIAS_END`), and the fw_cfg items QEMU-compatible firmware (SeaBIOS, OVMF) reads to learn the machine.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arch::layout::{BIOS_ALIAS_END, BIOS_ALIAS_SIZE, FIRMWARE_END, FIRMWARE_MAX_SIZE};
@@ -65,7 +67,7 @@ pub fn load_image(path: &Path) -> Result<Vec<u8>, FirmwareError> {
         source,
     })?;
     let size = image.len() as u64;
-    if !(FIRMWARE_MIN_SIZE..=FIRMWARE_MAX_SIZE).contains(&size) || size % FIRMWARE_ALIGN != 0 {
+    if !(FIRMWARE_MIN_SIZE..=FIRMWARE_MAX_SIZE).contains(&size) || !size.is_multiple_of(FIRMWARE_ALIGN) {
         return Err(FirmwareError::Size {
             path: path.to_path_buf(),
             size,
@@ -203,6 +205,67 @@ pub fn fw_cfg(mem: &GuestMemoryMmap, setup: &FwCfgSetup) -> Result<FwCfg, Firmwa
     Ok(fw)
 }
 
+/// What SeaBIOS prints (on its debug console and screen) when no device could be booted, before it waits the
+/// boot-fail time and resets the machine.
+const NO_BOOTABLE_DEVICE: &[u8] = b"No bootable device";
+
+/// Whether the firmware has reported that it found nothing to boot (SeaBIOS's message on its debug console). Set
+/// by [`WatchedOutput`]; the VMM reads it when the firmware then resets the machine.
+#[derive(Clone, Debug, Default)]
+pub struct BootWatch(Arc<AtomicBool>);
+
+impl BootWatch {
+    /// The firmware said it found no bootable device.
+    pub fn no_bootable_device(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The firmware debug console's output: passed on unchanged, and watched for the no-bootable-device message.
+pub struct WatchedOutput {
+    inner: Box<dyn Write + Send>,
+    watch: BootWatch,
+    /// The last bytes seen, so that a message split across writes is still found.
+    tail: Vec<u8>,
+}
+
+impl WatchedOutput {
+    /// Wraps `inner`, reporting to `watch`.
+    pub fn new(inner: Box<dyn Write + Send>, watch: BootWatch) -> Self {
+        WatchedOutput {
+            inner,
+            watch,
+            tail: Vec::new(),
+        }
+    }
+}
+
+impl Write for WatchedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tail.extend_from_slice(buf);
+        if self
+            .tail
+            .windows(NO_BOOTABLE_DEVICE.len())
+            .any(|w| w == NO_BOOTABLE_DEVICE)
+        {
+            self.watch.0.store(true, Ordering::Relaxed);
+        }
+        let keep = NO_BOOTABLE_DEVICE.len() - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+        // The firmware's log is best effort: a failing sink must not stop the watch.
+        if let Err(e) = self.inner.write_all(buf) {
+            tracing::debug!("debug console output failed: {e}");
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +338,20 @@ mod tests {
         assert_eq!(&file("etc/acpi/tables")[0..4], b"XSDT");
         assert_eq!(&file("etc/acpi/rsdp")[0..8], b"RSD PTR ");
         assert!(!file("etc/table-loader").is_empty());
+    }
+
+    #[test]
+    fn the_watch_sees_the_message_even_split_across_writes() {
+        let watch = BootWatch::default();
+        let mut out = WatchedOutput::new(Box::new(std::io::sink()), watch.clone());
+        for byte in b"Booting from Hard Disk...\nBoot failed\n" {
+            out.write_all(&[*byte]).unwrap();
+        }
+        assert!(!watch.no_bootable_device());
+        out.write_all(b"No boot").unwrap();
+        out.write_all(b"able dev").unwrap();
+        assert!(!watch.no_bootable_device());
+        out.write_all(b"ice.  Retrying in 1 seconds.\n").unwrap();
+        assert!(watch.no_bootable_device());
     }
 }

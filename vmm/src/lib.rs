@@ -46,6 +46,8 @@ pub const EXIT_TRIPLE_FAULT: i32 = 3;
 pub const EXIT_GUEST_CRASH: i32 = 4;
 /// Exit code: the VMM failed while the guest ran.
 pub const EXIT_RUNTIME: i32 = 5;
+/// Exit status when the firmware found nothing to boot (with `--firmware`).
+pub const EXIT_NO_BOOTABLE_DEVICE: i32 = 6;
 
 /// Why a VM run failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,15 @@ pub enum Error {
         vcpu: u32,
     },
     /// KVM could not run the guest.
+    #[error(
+        "the firmware found no bootable disk and gave up after --boot-timeout={seconds} s; give a --disk with a boot \
+         loader (and bootindex= to choose among several)"
+    )]
+    NoBootableDevice {
+        /// The boot timeout the firmware waited.
+        seconds: u32,
+    },
+    /// KVM could not run the guest.
     #[error("the guest crashed on vCPU {vcpu}: {reason}")]
     GuestCrash {
         /// The vCPU.
@@ -109,6 +120,7 @@ impl Error {
             | Error::Console(_)
             | Error::Build(_) => EXIT_SETUP,
             Error::TripleFault { .. } => EXIT_TRIPLE_FAULT,
+            Error::NoBootableDevice { .. } => EXIT_NO_BOOTABLE_DEVICE,
             Error::GuestCrash { .. } => EXIT_GUEST_CRASH,
             Error::NotCreated | Error::Api(_) => EXIT_SETUP,
             Error::Start(_) | Error::ControlLoop(_) | Error::Vcpu(_) => EXIT_RUNTIME,

@@ -139,6 +139,7 @@ impl PciSegment {
         io_bus: &Arc<Bus>,
         mmio_bus: &Arc<Bus>,
         ram_size: u64,
+        events: Arc<dyn devices::PlatformEvents>,
     ) -> Result<Self, PciSegmentError> {
         let bus = Arc::new(Mutex::new(PciBus::new()));
         let relocator = Arc::new(BarRelocator {
@@ -146,7 +147,9 @@ impl PciSegment {
             io_bus: io_bus.clone(),
             bars: Mutex::new(BTreeMap::new()),
         });
-        let config_io = Arc::new(Mutex::new(PciConfigIo::new(bus.clone(), relocator.clone())));
+        let config_io = Arc::new(Mutex::new(
+            PciConfigIo::new(bus.clone(), relocator.clone()).with_reset_control(events),
+        ));
         io_bus
             .insert(
                 config_io.clone(),

@@ -60,6 +60,9 @@ pub enum BuildError {
     /// The vsock device.
     #[error("--vsock: {0}")]
     Vsock(String),
+    /// The debug console's output.
+    #[error("--debug-console: {0}")]
+    DebugConsole(String),
 }
 
 /// A built VM. Fields drop in order: vCPU threads are joined before devices, the KVM VM and guest memory go away.
@@ -72,6 +75,8 @@ pub struct Vm {
     /// Hot-pluggable memory: where the area starts, how large it may grow, and what was added (slot, base, size).
     memory_hotplug: (u64, u64, Vec<(u32, u64, u64)>),
     memory_slots: u32,
+    /// Firmware boots: whether the firmware said it found nothing to boot.
+    boot_watch: Option<firmware::BootWatch>,
     base_cpuid: Vec<hypervisor::x86_64::CpuIdEntry>,
     max_vcpus: u32,
     devices: DeviceManager,
@@ -182,6 +187,23 @@ impl Vm {
             devices.add_virtio("rng0".to_string(), &guest_mem, Box::new(device))?;
         }
 
+        // The firmware debug console, and (firmware boots) the watch for "nothing to boot".
+        let mut boot_watch = None;
+        let debug_out = debug_console_output(config)?;
+        let debug_out: Option<Box<dyn std::io::Write + Send>> = match (&config.firmware, debug_out)
+        {
+            (Some(_), out) => {
+                let watch = firmware::BootWatch::default();
+                boot_watch = Some(watch.clone());
+                let inner = out.unwrap_or_else(|| Box::new(std::io::sink()));
+                Some(Box::new(firmware::WatchedOutput::new(inner, watch)))
+            }
+            (None, out) => out,
+        };
+        if let Some(out) = debug_out {
+            devices.add_debug_console(out)?;
+        }
+
         // 6. Platform tables the guest discovers CPUs and interrupts from: written here for a kernel, handed to the
         //    firmware through fw_cfg otherwise (it builds its own MP table and installs Atrium's ACPI tables).
         let boot_cpus = config.cpus.boot_vcpus;
@@ -202,7 +224,7 @@ impl Vm {
                     boot_fail_wait_ms: fw.saturating_mul(1000),
                 },
             )?;
-            devices.add_legacy_pc()?;
+            devices.add_legacy_pc(events.clone())?;
             devices.add_io_device(
                 Arc::new(std::sync::Mutex::new(fw_cfg)),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
@@ -220,7 +242,8 @@ impl Vm {
                 memory_slots,
                 events,
                 None,
-            );
+            )
+            .map(|vm| vm.with_boot_watch(boot_watch));
         };
         match arch::mptable::setup_mptable(mem, boot_cpus) {
             Ok(()) => {}
@@ -325,6 +348,7 @@ impl Vm {
                 Vec::new(),
             ),
             memory_slots,
+            boot_watch: None,
             base_cpuid,
             max_vcpus: max_cpus,
             devices,
@@ -332,6 +356,18 @@ impl Vm {
             hypervisor_vm: vm,
             memory,
         })
+    }
+
+    fn with_boot_watch(mut self, watch: Option<firmware::BootWatch>) -> Self {
+        self.boot_watch = watch;
+        self
+    }
+
+    /// Whether the firmware reported that it found nothing to boot.
+    pub fn firmware_found_nothing_to_boot(&self) -> bool {
+        self.boot_watch
+            .as_ref()
+            .is_some_and(firmware::BootWatch::no_bootable_device)
     }
 
     /// Starts the vCPU threads.
@@ -703,4 +739,25 @@ fn detect_disk_format(path: &std::path::Path) -> std::io::Result<virtio_devices:
     } else {
         virtio_devices::DiskFormat::Raw
     })
+}
+
+/// Where the debug console (port 0x402) writes, if it was asked for.
+fn debug_console_output(
+    config: &VmConfig,
+) -> Result<Option<Box<dyn std::io::Write + Send>>, BuildError> {
+    use crate::config::ConsoleOutputMode;
+    match &config.debug_console {
+        None | Some(ConsoleOutputMode::Off) => Ok(None),
+        Some(ConsoleOutputMode::Null) => Ok(Some(Box::new(std::io::sink()))),
+        Some(ConsoleOutputMode::File(path)) => {
+            let file = std::fs::File::create(path).map_err(|e| {
+                BuildError::DebugConsole(format!("cannot create {}: {e}", path.display()))
+            })?;
+            Ok(Some(Box::new(file)))
+        }
+        Some(ConsoleOutputMode::Tty) => Ok(Some(Box::new(std::io::stderr()))),
+        Some(ConsoleOutputMode::Socket(_)) => Err(BuildError::DebugConsole(
+            "a socket is not supported here; use off, null, tty or file=PATH".to_string(),
+        )),
+    }
 }
