@@ -160,11 +160,19 @@ pub fn fw_cfg(mem: &GuestMemoryMmap, setup: &FwCfgSetup) -> Result<FwCfg, Firmwa
             .to_le_bytes()
             .to_vec(),
     )?;
-    let mut e820 = vec![E820Entry {
-        addr: 0,
-        size: below_4g,
-        kind: arch::E820_RAM,
-    }];
+    // RAM, and the ECAM area reserved so that the OS trusts the MCFG (firmware adds its own reservations).
+    let mut e820 = vec![
+        E820Entry {
+            addr: 0,
+            size: below_4g,
+            kind: arch::E820_RAM,
+        },
+        E820Entry {
+            addr: arch::layout::PCI_MMCONFIG_START,
+            size: arch::layout::PCI_MMCONFIG_SIZE,
+            kind: arch::E820_RESERVED,
+        },
+    ];
     if above_4g > 0 {
         e820.push(E820Entry {
             addr: FIRMWARE_END,
@@ -333,8 +341,9 @@ mod tests {
             "{order}"
         );
         let e820 = file("etc/e820");
-        assert_eq!(e820.len(), 40);
-        assert_eq!(&e820[20..28], &(1u64 << 32).to_le_bytes());
+        assert_eq!(e820.len(), 60);
+        assert_eq!(&e820[20..28], &0xe000_0000u64.to_le_bytes());
+        assert_eq!(&e820[40..48], &(1u64 << 32).to_le_bytes());
         assert_eq!(&file("etc/acpi/tables")[0..4], b"XSDT");
         assert_eq!(&file("etc/acpi/rsdp")[0..8], b"RSD PTR ");
         assert!(!file("etc/table-loader").is_empty());
