@@ -152,3 +152,68 @@ fn bad_firmware_images_are_refused_with_one_line() {
     let run = run_atrium(&["--boot-timeout", "3"], GUEST_LIMIT);
     assert_eq!(run.code(), 2, "--boot-timeout needs --firmware: {run:?}");
 }
+
+/// `path=<disk>,readonly=on` plus any extra keys.
+fn disk_arg(disk: guests::BootDisk, extra: &str) -> String {
+    format!("path={},readonly=on{extra}", disk.path().display())
+}
+
+/// The `atrium-boot:` lines the guest printed on the serial console.
+fn boot_lines(run: &Run) -> Vec<String> {
+    run.lines("atrium-boot: ")
+        .into_iter()
+        .map(|l| format!("atrium-boot: {l}"))
+        .collect()
+}
+
+#[test]
+fn seabios_boots_the_boot_sector_from_virtio_blk_which_reads_its_next_sector_and_powers_off() {
+    if !seabios_available() {
+        return;
+    }
+    let dir = scratch_dir("fw-bootdisk");
+    let disk = disk_arg(guests::BootDisk::A, "");
+    let (run, log) = boot_firmware(&dir, &["--disk", &disk]);
+    // The boot sector printed through INT 10h (sercon), read sector 1 through INT 13h on virtio-blk, and powered off
+    // through the ACPI PM register: exit 0.
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert_eq!(
+        boot_lines(&run),
+        guests::BootDisk::A.boot_lines(),
+        "{run:?}"
+    );
+    assert!(log.contains("Booting from 0000:7c00"), "{log}");
+}
+
+#[test]
+fn the_boot_order_follows_bootindex_and_a_non_bootable_disk_is_skipped() {
+    if !seabios_available() {
+        return;
+    }
+    use guests::BootDisk::{NonBootable, A, B};
+    let dir = scratch_dir("fw-bootorder");
+    // Disk A comes first on the PCI bus, but B has bootindex=0.
+    let (a, b) = (disk_arg(A, ""), disk_arg(B, ",bootindex=0"));
+    let (run, _) = boot_firmware(&dir, &["--disk", &a, "--disk", &b]);
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert_eq!(boot_lines(&run), B.boot_lines(), "{run:?}");
+
+    // A disk without a boot signature ahead of a bootable one on the PCI bus: the boot order puts the bootable one
+    // first, and the other is never tried.
+    let (n, a) = (disk_arg(NonBootable, ""), disk_arg(A, ",bootindex=0"));
+    let (run, _) = boot_firmware(&dir, &["--disk", &n, "--disk", &a]);
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert_eq!(boot_lines(&run), A.boot_lines(), "{run:?}");
+    assert!(!run.serial.contains("not a bootable disk"), "{run:?}");
+
+    // Alone, it is refused (SeaBIOS has one hard-disk boot entry, drive 0x80, and does not fall through to a second
+    // hard disk), and Atrium ends with exit 6 after the boot timeout.
+    let n = disk_arg(NonBootable, "");
+    let (run, _) = boot_firmware(&dir, &["--disk", &n, "--boot-timeout", "1"]);
+    assert_eq!(run.code(), 6, "{run:?}");
+    assert!(
+        run.serial.contains("Boot failed: not a bootable disk"),
+        "{run:?}"
+    );
+    assert!(boot_lines(&run).is_empty(), "{run:?}");
+}
