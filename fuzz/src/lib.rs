@@ -96,6 +96,24 @@ impl devices::MsiSender for NoopMsiSender {
     }
 }
 
+/// A PIC output connected to nothing: no vCPU is kicked.
+pub struct NoopPicOutput;
+
+impl devices::PicOutput for NoopPicOutput {
+    fn interrupt_requested(&self) {}
+}
+
+/// Platform events that go nowhere: power-off, reset and debug-exit requests are dropped.
+pub struct NoopPlatformEvents;
+
+impl devices::PlatformEvents for NoopPlatformEvents {
+    fn power_off(&self) {}
+
+    fn reset(&self) {}
+
+    fn debug_exit(&self, _code: u8) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
