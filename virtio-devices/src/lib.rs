@@ -36,9 +36,10 @@ mod test_queue;
 mod test_utils;
 
 pub use block::{
-    open_disk, Block, BlockError, BlockOptions, DiskBackend, DiskError, DiskFormat, Qcow2File,
-    RawFile, Request, RequestError, RequestErrorKind, RequestType, Segment, DEFAULT_QUEUE_SIZE,
-    DISCARD_SEGMENT_SIZE, REQUEST_HEADER_SIZE, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+    open_disk, Block, BlockError, BlockOptions, DiskBackend, DiskError, DiskFormat, IoEngine,
+    Qcow2File, RawFile, Request, RequestError, RequestErrorKind, RequestType, Segment,
+    DEFAULT_QUEUE_SIZE, DISCARD_SEGMENT_SIZE, REQUEST_HEADER_SIZE, SECTOR_SIZE,
+    VIRTIO_BLK_ID_BYTES,
 };
 pub use chain::ChainError;
 pub use console::{

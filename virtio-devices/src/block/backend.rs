@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -36,6 +36,13 @@ pub trait DiskBackend: Send + Sync {
 
     /// Zeroes `len` bytes at `offset`, deallocating them when `unmap` allows it.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// A descriptor on which byte `n` of the disk is byte `n` of the file, opened for writing unless the disk is
+    /// read-only, so the block device can read, write and flush it asynchronously (io_uring) itself. `None`, the
+    /// default, for formats that translate addresses: they are served synchronously through the methods here.
+    fn direct_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 
     /// Fills the guest buffer `buf` from the disk at `offset`. The default reads chunks of at most 1 MiB into
     /// `scratch` with [`DiskBackend::read_at`] and copies them; a backend that can read straight into guest memory
@@ -283,6 +290,10 @@ impl DiskBackend for RawFile {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn direct_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

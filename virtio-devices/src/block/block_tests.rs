@@ -9,13 +9,13 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
 use crate::device::GuestMemoryMmap;
 use crate::test_utils::{desc, guest_memory, next_report, RecordingInterrupt, Reported, MEM_SIZE};
-use crate::worker::process_queue;
+use crate::worker::{process_queue_to_completion, ChainHandler};
 use crate::VirtioInterruptType;
 
 const HEADER: u64 = 0x10_0000;
@@ -70,6 +70,9 @@ impl DiskBackend for CountingDisk {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
         self.inner.write_zeroes(offset, len, unmap)
     }
+    fn direct_fd(&self) -> Option<std::os::unix::io::BorrowedFd<'_>> {
+        self.inner.direct_fd()
+    }
     fn read_to_guest(
         &self,
         buf: &vm_memory::VolatileSlice<'_>,
@@ -121,6 +124,53 @@ impl DiskBackend for BouncingDisk {
     }
 }
 
+/// Both ways a handler moves data.
+pub(super) const ENGINES: [IoEngine; 2] = [IoEngine::Sync, IoEngine::Auto];
+
+/// A handler serving `ctx` the `engine` way, with room for `entries` requests in flight on the io_uring path. `None`
+/// when io_uring is not available here: the test then covers the synchronous path only.
+pub(super) fn handler_for(
+    engine: IoEngine,
+    ctx: BlockContext,
+    mem: &GuestMemory,
+    entries: u32,
+) -> Option<BlockHandler> {
+    let handler = match engine {
+        IoEngine::Sync => BlockHandler::new(ctx),
+        IoEngine::Auto => {
+            match AsyncIo::new(&ctx.disk, mem.clone(), entries) {
+                Ok(Some(io)) => BlockHandler::with_async_io(ctx, io),
+                Ok(None) => panic!("the test disk has no direct descriptor"),
+                Err(err) if uring::unavailable(&err) => {
+                    eprintln!("io_uring is not available here ({err}); only the synchronous path is tested");
+                    return None;
+                }
+                Err(err) => panic!("setting up io_uring failed: {err}"),
+            }
+        }
+    };
+    assert_eq!(handler.is_async(), engine == IoEngine::Auto);
+    Some(handler)
+}
+
+/// The device context tests use.
+pub(super) fn context(
+    disk: Arc<dyn DiskBackend>,
+    read_only: bool,
+    writeback: bool,
+) -> BlockContext {
+    let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+    serial[..11].copy_from_slice(b"atrium-disk");
+    BlockContext {
+        disk,
+        read_only,
+        writeback,
+        serial,
+        discard: range_limits(),
+        write_zeroes: range_limits(),
+    }
+}
+
 struct Setup {
     image: TempFile,
     disk: Arc<CountingDisk>,
@@ -128,37 +178,47 @@ struct Setup {
     mem: GuestMemory,
 }
 
-fn setup_with(read_only: bool, writeback: bool) -> Setup {
+fn setup_on(engine: IoEngine, read_only: bool, writeback: bool) -> Option<Setup> {
     let image = image();
     let disk = Arc::new(CountingDisk {
         inner: RawFile::open(image.as_path(), read_only).unwrap(),
         flushes: AtomicUsize::new(0),
     });
-    let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
-    serial[..11].copy_from_slice(b"atrium-disk");
-    let handler = BlockHandler::new(BlockContext {
-        disk: disk.clone(),
-        read_only,
-        writeback,
-        serial,
-        discard: range_limits(),
-        write_zeroes: range_limits(),
-    });
-    Setup {
+    let mem = guest_memory();
+    let handler = handler_for(
+        engine,
+        context(disk.clone(), read_only, writeback),
+        &mem,
+        16,
+    )?;
+    Some(Setup {
         image,
         disk,
         handler,
-        mem: guest_memory(),
-    }
+        mem,
+    })
 }
 
-fn setup() -> Setup {
-    setup_with(false, true)
+/// One setup per engine available here.
+fn setups_with(read_only: bool, writeback: bool) -> Vec<Setup> {
+    ENGINES
+        .iter()
+        .filter_map(|&engine| setup_on(engine, read_only, writeback))
+        .collect()
+}
+
+fn setups() -> Vec<Setup> {
+    setups_with(false, true)
 }
 
 impl Setup {
     fn path(&self) -> &Path {
         self.image.as_path()
+    }
+
+    /// Durability operations so far: backend flushes, plus flushes and durable writes sent through io_uring.
+    fn syncs(&self) -> u64 {
+        self.disk.flushes.load(Ordering::Relaxed) as u64 + self.handler.ring_syncs()
     }
 
     fn header(&self, request_type: u32, sector: u64) {
@@ -178,7 +238,7 @@ impl Setup {
         let vq = MockSplitQueue::new(&*guard, 16);
         vq.add_desc_chains(descs, 0).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
-        process_queue(&mut self.handler, 0, &mut queue, &guard).unwrap();
+        process_queue_to_completion(&mut self.handler, 0, &mut queue, &guard).unwrap();
         assert_eq!(vq.used().idx().load(), 1);
         let status = guard.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
         (status, vq.used().ring().ref_at(0).unwrap().load().len())
@@ -225,205 +285,215 @@ impl Setup {
 
 #[test]
 fn reads_copy_sectors_into_guest_buffers() {
-    let mut s = setup();
-    assert_eq!(s.request(VIRTIO_BLK_T_IN, 2, 1024, true), (OK, 1025));
-    assert_eq!(s.guest(DATA, 1024), pattern(DISK_SIZE)[1024..2048]);
-    // Scattered over two buffers.
-    s.header(VIRTIO_BLK_T_IN, 0);
-    let (status, len) = s.run(&[
-        desc(HEADER, 16, false, Some(1)),
-        desc(DATA, 512, true, Some(2)),
-        desc(DATA + 0x10000, 512, true, Some(3)),
-        desc(STATUS, 1, true, None),
-    ]);
-    assert_eq!((status, len), (OK, 1025));
-    assert_eq!(s.guest(DATA + 0x10000, 512), pattern(DISK_SIZE)[512..1024]);
+    for mut s in setups() {
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 2, 1024, true), (OK, 1025));
+        assert_eq!(s.guest(DATA, 1024), pattern(DISK_SIZE)[1024..2048]);
+        // Scattered over two buffers.
+        s.header(VIRTIO_BLK_T_IN, 0);
+        let (status, len) = s.run(&[
+            desc(HEADER, 16, false, Some(1)),
+            desc(DATA, 512, true, Some(2)),
+            desc(DATA + 0x10000, 512, true, Some(3)),
+            desc(STATUS, 1, true, None),
+        ]);
+        assert_eq!((status, len), (OK, 1025));
+        assert_eq!(s.guest(DATA + 0x10000, 512), pattern(DISK_SIZE)[512..1024]);
+    }
 }
 
 #[test]
 fn writes_reach_the_file() {
-    let mut s = setup();
-    let data: Vec<u8> = (0..1536).map(|i| (i % 13) as u8).collect();
-    s.put_guest(DATA, &data);
-    assert_eq!(s.request(VIRTIO_BLK_T_OUT, 4, 1536, false), (OK, 1));
-    assert_eq!(host_bytes(s.path(), 2048, 1536), data);
-    // Untouched around it.
-    assert_eq!(host_bytes(s.path(), 0, 2048), pattern(DISK_SIZE)[..2048]);
-    assert_eq!(
-        host_bytes(s.path(), 3584, 512),
-        pattern(DISK_SIZE)[3584..4096]
-    );
-    // With a negotiated write cache, writes wait for an explicit flush.
-    assert_eq!(s.disk.flushes.load(Ordering::Relaxed), 0);
-    assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, 0, false), (OK, 1));
-    assert_eq!(s.disk.flushes.load(Ordering::Relaxed), 1);
+    for mut s in setups() {
+        let data: Vec<u8> = (0..1536).map(|i| (i % 13) as u8).collect();
+        s.put_guest(DATA, &data);
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 4, 1536, false), (OK, 1));
+        assert_eq!(host_bytes(s.path(), 2048, 1536), data);
+        // Untouched around it.
+        assert_eq!(host_bytes(s.path(), 0, 2048), pattern(DISK_SIZE)[..2048]);
+        assert_eq!(
+            host_bytes(s.path(), 3584, 512),
+            pattern(DISK_SIZE)[3584..4096]
+        );
+        // With a negotiated write cache, writes wait for an explicit flush.
+        assert_eq!(s.syncs(), 0);
+        assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, 0, false), (OK, 1));
+        assert_eq!(s.syncs(), 1);
+    }
 }
 
 #[test]
 fn without_flush_negotiated_writes_are_write_through() {
-    let mut s = setup_with(false, false);
-    s.put_guest(DATA, &[0x5a; 512]);
-    assert_eq!(s.request(VIRTIO_BLK_T_OUT, 0, 512, false), (OK, 1));
-    assert_eq!(s.disk.flushes.load(Ordering::Relaxed), 1);
-    let len = s.ranges(&[(8, 8, 0)]);
-    assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (OK, 1));
-    assert_eq!(s.disk.flushes.load(Ordering::Relaxed), 2);
+    for mut s in setups_with(false, false) {
+        s.put_guest(DATA, &[0x5a; 512]);
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 0, 512, false), (OK, 1));
+        assert_eq!(s.syncs(), 1);
+        let len = s.ranges(&[(8, 8, 0)]);
+        assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (OK, 1));
+        assert_eq!(s.syncs(), 2);
+    }
 }
 
 #[test]
 fn get_id_returns_the_padded_serial() {
-    let mut s = setup();
-    s.put_guest(DATA, &[0xff; 32]);
-    assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, 32, true), (OK, 21));
-    let mut expected = b"atrium-disk".to_vec();
-    expected.resize(20, 0);
-    assert_eq!(s.guest(DATA, 20), expected);
-    assert_eq!(s.guest(DATA + 20, 12), vec![0xff; 12]);
-    // A short buffer gets what fits.
-    assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, 6, true), (OK, 7));
+    for mut s in setups() {
+        s.put_guest(DATA, &[0xff; 32]);
+        assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, 32, true), (OK, 21));
+        let mut expected = b"atrium-disk".to_vec();
+        expected.resize(20, 0);
+        assert_eq!(s.guest(DATA, 20), expected);
+        assert_eq!(s.guest(DATA + 20, 12), vec![0xff; 12]);
+        // A short buffer gets what fits.
+        assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, 6, true), (OK, 7));
+    }
 }
 
 #[test]
 fn discard_and_write_zeroes_zero_the_ranges() {
-    let mut s = setup();
-    let len = s.ranges(&[(8, 8, 0), (32, 2, 0)]);
-    assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (OK, 1));
-    let host = std::fs::read(s.path()).unwrap();
-    assert_eq!(host.len(), DISK_SIZE, "discard keeps the size");
-    assert!(host[4096..8192].iter().all(|byte| *byte == 0));
-    assert!(host[16384..17408].iter().all(|byte| *byte == 0));
-    assert_eq!(host[..4096], pattern(DISK_SIZE)[..4096]);
-    assert_eq!(host[8192..16384], pattern(DISK_SIZE)[8192..16384]);
+    for mut s in setups() {
+        let len = s.ranges(&[(8, 8, 0), (32, 2, 0)]);
+        assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (OK, 1));
+        let host = std::fs::read(s.path()).unwrap();
+        assert_eq!(host.len(), DISK_SIZE, "discard keeps the size");
+        assert!(host[4096..8192].iter().all(|byte| *byte == 0));
+        assert!(host[16384..17408].iter().all(|byte| *byte == 0));
+        assert_eq!(host[..4096], pattern(DISK_SIZE)[..4096]);
+        assert_eq!(host[8192..16384], pattern(DISK_SIZE)[8192..16384]);
 
-    for (sector, unmap) in [(40u64, 0u32), (48, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)] {
-        let len = s.ranges(&[(sector, 3, unmap)]);
-        assert_eq!(s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false), (OK, 1));
-        let start = sector as usize * 512;
-        let host = host_bytes(s.path(), start - 512, 2048);
-        assert_eq!(host[..512], pattern(DISK_SIZE)[start - 512..start]);
-        assert!(
-            host[512..2048].iter().all(|byte| *byte == 0),
-            "sector {sector}"
-        );
+        for (sector, unmap) in [(40u64, 0u32), (48, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)] {
+            let len = s.ranges(&[(sector, 3, unmap)]);
+            assert_eq!(s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false), (OK, 1));
+            let start = sector as usize * 512;
+            let host = host_bytes(s.path(), start - 512, 2048);
+            assert_eq!(host[..512], pattern(DISK_SIZE)[start - 512..start]);
+            assert!(
+                host[512..2048].iter().all(|byte| *byte == 0),
+                "sector {sector}"
+            );
+        }
+        assert_eq!(std::fs::metadata(s.path()).unwrap().len(), DISK_SIZE as u64);
     }
-    assert_eq!(std::fs::metadata(s.path()).unwrap().len(), DISK_SIZE as u64);
 }
 
 #[test]
 fn bad_range_lists_are_refused_before_anything_changes() {
-    let mut s = setup();
-    // The unmap flag is reserved for discard; unknown flags for both.
-    let len = s.ranges(&[(0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]);
-    assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (UNSUPP, 1));
-    let len = s.ranges(&[(0, 1, 0x4)]);
-    assert_eq!(
-        s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false),
-        (UNSUPP, 1)
-    );
-    // A valid range followed by one past the end: neither is applied.
-    let capacity = (DISK_SIZE / 512) as u64;
-    let len = s.ranges(&[(0, 1, 0), (capacity - 1, 2, 0)]);
-    assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (IOERR, 1));
-    let len = s.ranges(&[(u64::MAX / 256, 1, 0)]);
-    assert_eq!(
-        s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false),
-        (IOERR, 1)
-    );
-    assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
-    // Too many ranges.
-    let many: Vec<(u64, u32, u32)> = (0..33).map(|i| (i, 1, 0)).collect();
-    let len = s.ranges(&many);
-    assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (IOERR, 1));
-    assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
+    for mut s in setups() {
+        // The unmap flag is reserved for discard; unknown flags for both.
+        let len = s.ranges(&[(0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]);
+        assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (UNSUPP, 1));
+        let len = s.ranges(&[(0, 1, 0x4)]);
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false),
+            (UNSUPP, 1)
+        );
+        // A valid range followed by one past the end: neither is applied.
+        let capacity = (DISK_SIZE / 512) as u64;
+        let len = s.ranges(&[(0, 1, 0), (capacity - 1, 2, 0)]);
+        assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (IOERR, 1));
+        let len = s.ranges(&[(u64::MAX / 256, 1, 0)]);
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false),
+            (IOERR, 1)
+        );
+        assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
+        // Too many ranges.
+        let many: Vec<(u64, u32, u32)> = (0..33).map(|i| (i, 1, 0)).collect();
+        let len = s.ranges(&many);
+        assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (IOERR, 1));
+        assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
+    }
 }
 
 #[test]
 fn read_only_disks_fail_every_write() {
-    let mut s = setup_with(true, true);
-    s.put_guest(DATA, &[0; 512]);
-    assert_eq!(s.request(VIRTIO_BLK_T_OUT, 0, 512, false), (IOERR, 1));
-    let len = s.ranges(&[(0, 8, 0)]);
-    assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (IOERR, 1));
-    assert_eq!(
-        s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false),
-        (IOERR, 1)
-    );
-    assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
-    // Reads and flushes still work.
-    assert_eq!(s.request(VIRTIO_BLK_T_IN, 0, 512, true), (OK, 513));
-    assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, 0, false), (OK, 1));
+    for mut s in setups_with(true, true) {
+        s.put_guest(DATA, &[0; 512]);
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 0, 512, false), (IOERR, 1));
+        let len = s.ranges(&[(0, 8, 0)]);
+        assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (IOERR, 1));
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false),
+            (IOERR, 1)
+        );
+        assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
+        // Reads and flushes still work.
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 0, 512, true), (OK, 513));
+        assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, 0, false), (OK, 1));
+    }
 }
 
 #[test]
 fn requests_past_the_capacity_fail() {
-    let mut s = setup();
-    let last = (DISK_SIZE / 512) as u64 - 1;
-    assert_eq!(s.request(VIRTIO_BLK_T_IN, last, 512, true), (OK, 513));
-    assert_eq!(s.request(VIRTIO_BLK_T_IN, last, 1024, true), (IOERR, 1));
-    assert_eq!(
-        s.request(VIRTIO_BLK_T_OUT, last + 1, 512, false),
-        (IOERR, 1)
-    );
-    assert_eq!(
-        s.request(VIRTIO_BLK_T_IN, u64::MAX / 512, 512, true),
-        (IOERR, 1)
-    );
-    assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
+    for mut s in setups() {
+        let last = (DISK_SIZE / 512) as u64 - 1;
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, last, 512, true), (OK, 513));
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, last, 1024, true), (IOERR, 1));
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_OUT, last + 1, 512, false),
+            (IOERR, 1)
+        );
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_IN, u64::MAX / 512, 512, true),
+            (IOERR, 1)
+        );
+        assert_eq!(std::fs::read(s.path()).unwrap(), pattern(DISK_SIZE));
+    }
 }
 
 #[test]
 fn unknown_requests_are_unsupported() {
-    let mut s = setup();
-    assert_eq!(s.request(2, 0, 512, true), (UNSUPP, 1));
-    assert_eq!(s.request(0xdead_beef, 0, 512, false), (UNSUPP, 1));
+    for mut s in setups() {
+        assert_eq!(s.request(2, 0, 512, true), (UNSUPP, 1));
+        assert_eq!(s.request(0xdead_beef, 0, 512, false), (UNSUPP, 1));
+    }
 }
 
 #[test]
 fn malformed_chains_get_an_error_status_or_nothing() {
-    let mut s = setup();
-    s.header(VIRTIO_BLK_T_IN, 0);
-    // No status descriptor: nothing can be reported.
-    assert_eq!(
-        s.run(&[
-            desc(HEADER, 16, false, Some(1)),
-            desc(DATA, 512, false, None)
-        ]),
-        (0xee, 0)
-    );
-    // A driver-readable status.
-    assert_eq!(
-        s.run(&[
-            desc(HEADER, 16, false, Some(1)),
-            desc(DATA, 512, true, Some(2)),
-            desc(STATUS, 1, false, None)
-        ]),
-        (0xee, 0)
-    );
-    // A looping chain.
-    assert_eq!(
-        s.run(&[
-            desc(HEADER, 16, false, Some(1)),
-            desc(STATUS, 1, true, Some(0))
-        ]),
-        (0xee, 0)
-    );
-    // A header that is too short: the status is known, so IOERR.
-    assert_eq!(
-        s.run(&[
-            desc(HEADER, 15, false, Some(1)),
-            desc(STATUS, 1, true, None)
-        ]),
-        (IOERR, 1)
-    );
-    // Data outside guest memory.
-    assert_eq!(
-        s.run(&[
-            desc(HEADER, 16, false, Some(1)),
-            desc(0x4000_0000, 512, true, Some(2)),
-            desc(STATUS, 1, true, None)
-        ]),
-        (IOERR, 1)
-    );
+    for mut s in setups() {
+        s.header(VIRTIO_BLK_T_IN, 0);
+        // No status descriptor: nothing can be reported.
+        assert_eq!(
+            s.run(&[
+                desc(HEADER, 16, false, Some(1)),
+                desc(DATA, 512, false, None)
+            ]),
+            (0xee, 0)
+        );
+        // A driver-readable status.
+        assert_eq!(
+            s.run(&[
+                desc(HEADER, 16, false, Some(1)),
+                desc(DATA, 512, true, Some(2)),
+                desc(STATUS, 1, false, None)
+            ]),
+            (0xee, 0)
+        );
+        // A looping chain.
+        assert_eq!(
+            s.run(&[
+                desc(HEADER, 16, false, Some(1)),
+                desc(STATUS, 1, true, Some(0))
+            ]),
+            (0xee, 0)
+        );
+        // A header that is too short: the status is known, so IOERR.
+        assert_eq!(
+            s.run(&[
+                desc(HEADER, 15, false, Some(1)),
+                desc(STATUS, 1, true, None)
+            ]),
+            (IOERR, 1)
+        );
+        // Data outside guest memory.
+        assert_eq!(
+            s.run(&[
+                desc(HEADER, 16, false, Some(1)),
+                desc(0x4000_0000, 512, true, Some(2)),
+                desc(STATUS, 1, true, None)
+            ]),
+            (IOERR, 1)
+        );
+    }
 }
 
 #[test]
@@ -563,137 +633,145 @@ fn an_image_in_use_read_write_cannot_be_opened_again() {
 
 #[test]
 fn the_device_serves_its_queues_on_a_thread() {
-    let image = image();
-    let disk = Arc::new(RawFile::open(image.as_path(), false).unwrap());
-    let mut block = Block::new(
-        disk,
-        &BlockOptions {
-            num_queues: 2,
-            ..BlockOptions::default()
-        },
-    )
-    .unwrap();
-    block.ack_features(block.features() | (1 << 63));
-    assert_eq!(block.acked_features(), block.features());
-    let mem = guest_memory();
-    let guard = mem.memory();
-    let vq: MockSplitQueue<'_, GuestMemoryMmap> =
-        MockSplitQueue::create(&*guard, GuestAddress(0x8000), 16);
-    let event = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-    let doorbell = event.try_clone().unwrap();
-    let (interrupt, rx) = RecordingInterrupt::new();
-    assert!(matches!(
-        block.activate(
-            mem.clone(),
-            Arc::new(RecordingInterrupt::new().0),
-            Vec::new()
-        ),
-        Err(ActivateError::BadQueues(_))
-    ));
-    block
-        .activate(
-            mem.clone(),
-            Arc::new(interrupt),
-            vec![(1, vq.create_queue().unwrap(), event)],
+    for engine in ENGINES {
+        let image = image();
+        let disk = Arc::new(RawFile::open(image.as_path(), false).unwrap());
+        let mut block = Block::new(
+            disk,
+            &BlockOptions {
+                num_queues: 2,
+                ..BlockOptions::default()
+            },
         )
         .unwrap();
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    guard.write_slice(&header, GuestAddress(HEADER)).unwrap();
-    vq.add_desc_chains(
-        &[
-            desc(HEADER, 16, false, Some(1)),
-            desc(DATA, 512, true, Some(2)),
-            desc(STATUS, 1, true, None),
-        ],
-        0,
-    )
-    .unwrap();
-    doorbell.write(1).unwrap();
-    assert_eq!(
-        next_report(&rx),
-        Reported::Interrupt(VirtioInterruptType::Queue(1))
-    );
-    assert_eq!(guard.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
-    let mut data = [0u8; 512];
-    guard.read_slice(&mut data, GuestAddress(DATA)).unwrap();
-    assert_eq!(data[..], pattern(DISK_SIZE)[..512]);
-    let events = block.reset().unwrap();
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0].0, 1);
+        block.set_io_engine(engine);
+        block.ack_features(block.features() | (1 << 63));
+        assert_eq!(block.acked_features(), block.features());
+        let mem = guest_memory();
+        let guard = mem.memory();
+        let vq: MockSplitQueue<'_, GuestMemoryMmap> =
+            MockSplitQueue::create(&*guard, GuestAddress(0x8000), 16);
+        let event = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let doorbell = event.try_clone().unwrap();
+        let (interrupt, rx) = RecordingInterrupt::new();
+        assert!(matches!(
+            block.activate(
+                mem.clone(),
+                Arc::new(RecordingInterrupt::new().0),
+                Vec::new()
+            ),
+            Err(ActivateError::BadQueues(_))
+        ));
+        block
+            .activate(
+                mem.clone(),
+                Arc::new(interrupt),
+                vec![(1, vq.create_queue().unwrap(), event)],
+            )
+            .unwrap();
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        guard.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        vq.add_desc_chains(
+            &[
+                desc(HEADER, 16, false, Some(1)),
+                desc(DATA, 512, true, Some(2)),
+                desc(STATUS, 1, true, None),
+            ],
+            0,
+        )
+        .unwrap();
+        doorbell.write(1).unwrap();
+        assert_eq!(
+            next_report(&rx),
+            Reported::Interrupt(VirtioInterruptType::Queue(1))
+        );
+        assert_eq!(guard.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+        let mut data = [0u8; 512];
+        guard.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data[..], pattern(DISK_SIZE)[..512]);
+        let events = block.reset().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].0, 1);
+    }
 }
 
 #[test]
 fn hostile_chains_never_panic_or_escape_the_disk() {
     use crate::test_utils::{hostile_queue, XorShift};
 
-    let mut s = setup();
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-    let mut answered = 0;
-    let mut served_data = 0;
-    for _ in 0..3000 {
-        let guard = s.mem.memory();
-        // A random request header where most buffers point.
-        let wild = rng.next() as u32;
-        let request_type = rng.pick(&[
-            VIRTIO_BLK_T_IN,
-            VIRTIO_BLK_T_OUT,
-            VIRTIO_BLK_T_FLUSH,
-            VIRTIO_BLK_T_GET_ID,
-            VIRTIO_BLK_T_DISCARD,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            wild,
-        ]);
-        let mut header = [0u8; 32];
-        header[..4].copy_from_slice(&request_type.to_le_bytes());
-        header[8..16].copy_from_slice(&(rng.next() % 256).to_le_bytes());
-        header[16..].copy_from_slice(&rng.next().to_le_bytes().repeat(2));
-        for base in (0x10_0000..0x10_4000).step_by(0x200) {
-            guard.write_slice(&header, GuestAddress(base)).unwrap();
-        }
-        let vq = MockSplitQueue::new(&*guard, 16);
-        if rng.next().is_multiple_of(2) {
-            hostile_queue(&vq, &mut rng);
-        } else {
-            // A well-formed request with one field bent.
-            let writable_data = matches!(request_type, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
-            let mut descs = [
-                (0x10_0000u64, 16u32, false),
-                (0x10_1000, 512 * (1 + rng.next() % 8) as u32, writable_data),
-                (0x10_3f00, 1, true),
-            ];
-            let victim = (rng.next() % 3) as usize;
-            let wild_addr = rng.next();
-            match rng.next() % 4 {
-                0 => descs[victim].0 = rng.pick(&[wild_addr, MEM_SIZE as u64 - 1, 0x10_3ff0]),
-                1 => descs[victim].1 = rng.pick(&[0, 1, 15, 511, 4096, u32::MAX]),
-                2 => descs[victim].2 = !descs[victim].2,
-                _ => {}
+    for mut s in setups() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut answered = 0;
+        let mut served_data = 0;
+        for _ in 0..3000 {
+            let guard = s.mem.memory();
+            // A random request header where most buffers point.
+            let wild = rng.next() as u32;
+            let request_type = rng.pick(&[
+                VIRTIO_BLK_T_IN,
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_FLUSH,
+                VIRTIO_BLK_T_GET_ID,
+                VIRTIO_BLK_T_DISCARD,
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                wild,
+            ]);
+            let mut header = [0u8; 32];
+            header[..4].copy_from_slice(&request_type.to_le_bytes());
+            header[8..16].copy_from_slice(&(rng.next() % 256).to_le_bytes());
+            header[16..].copy_from_slice(&rng.next().to_le_bytes().repeat(2));
+            for base in (0x10_0000..0x10_4000).step_by(0x200) {
+                guard.write_slice(&header, GuestAddress(base)).unwrap();
             }
-            let chain: Vec<RawDescriptor> = descs
-                .iter()
-                .enumerate()
-                .map(|(i, (addr, len, writable))| {
-                    desc(*addr, *len, *writable, (i < 2).then_some(i as u16 + 1))
-                })
-                .collect();
-            vq.add_desc_chains(&chain, 0).unwrap();
-        }
-        let mut queue: Queue = vq.create_queue().unwrap();
-        if process_queue(&mut s.handler, 0, &mut queue, &guard).is_ok() {
-            answered += 1;
-            let used = vq.used().ring().ref_at(0).unwrap().load();
-            if used.len() > 1 {
-                served_data += 1;
+            let vq = MockSplitQueue::new(&*guard, 16);
+            if rng.next().is_multiple_of(2) {
+                hostile_queue(&vq, &mut rng);
+            } else {
+                // A well-formed request with one field bent.
+                let writable_data = matches!(request_type, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
+                let mut descs = [
+                    (0x10_0000u64, 16u32, false),
+                    (0x10_1000, 512 * (1 + rng.next() % 8) as u32, writable_data),
+                    (0x10_3f00, 1, true),
+                ];
+                let victim = (rng.next() % 3) as usize;
+                let wild_addr = rng.next();
+                match rng.next() % 4 {
+                    0 => descs[victim].0 = rng.pick(&[wild_addr, MEM_SIZE as u64 - 1, 0x10_3ff0]),
+                    1 => descs[victim].1 = rng.pick(&[0, 1, 15, 511, 4096, u32::MAX]),
+                    2 => descs[victim].2 = !descs[victim].2,
+                    _ => {}
+                }
+                let chain: Vec<RawDescriptor> = descs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (addr, len, writable))| {
+                        desc(*addr, *len, *writable, (i < 2).then_some(i as u16 + 1))
+                    })
+                    .collect();
+                vq.add_desc_chains(&chain, 0).unwrap();
             }
+            let mut queue: Queue = vq.create_queue().unwrap();
+            if process_queue_to_completion(&mut s.handler, 0, &mut queue, &guard).is_ok() {
+                answered += 1;
+                let used = vq.used().ring().ref_at(0).unwrap().load();
+                if used.len() > 1 {
+                    served_data += 1;
+                }
+            } else {
+                // A corrupt queue: the device would stop it; end what the rest of it started.
+                s.handler.quiesce();
+            }
+            assert_eq!(s.handler.in_flight(), 0);
         }
+        // Most rounds were served rather than rejected as corrupt queues.
+        assert!(answered > 2000, "{answered}");
+        // Plenty of reads and GET_IDs went through.
+        assert!(served_data > 100, "{served_data}");
+        // The image never grew past its size.
+        assert_eq!(std::fs::metadata(s.path()).unwrap().len(), DISK_SIZE as u64);
     }
-    // Most rounds were served rather than rejected as corrupt queues.
-    assert!(answered > 2000, "{answered}");
-    // Plenty of reads and GET_IDs went through.
-    assert!(served_data > 100, "{served_data}");
-    // The image never grew past its size.
-    assert_eq!(std::fs::metadata(s.path()).unwrap().len(), DISK_SIZE as u64);
 }
 
 /// Guest RAM as two adjacent regions meeting at `SPLIT`, so one guest buffer can span both host mappings.
@@ -732,7 +810,7 @@ fn serve(
     )
     .unwrap();
     let mut queue: Queue = vq.create_queue().unwrap();
-    process_queue(handler, 0, &mut queue, mem).unwrap();
+    process_queue_to_completion(handler, 0, &mut queue, mem).unwrap();
     let status = mem.read_obj::<u8>(GuestAddress(STATUS_AT)).unwrap();
     (status, vq.used().ring().ref_at(0).unwrap().load().len())
 }
@@ -743,7 +821,11 @@ fn large_buffers_spanning_memory_regions_move_on_both_data_paths() {
     let len = super::backend::BOUNCE_CHUNK + 3 * 4096;
     let addr = SPLIT - 0x2000;
     let disk_size = 4 << 20;
-    for bouncing in [false, true] {
+    for (bouncing, engine) in [
+        (false, IoEngine::Sync),
+        (false, IoEngine::Auto),
+        (true, IoEngine::Sync),
+    ] {
         let image = TempFile::new().unwrap();
         image.as_file().write_all(&pattern(disk_size)).unwrap();
         let bouncer = bouncing.then(|| {
@@ -756,21 +838,17 @@ fn large_buffers_spanning_memory_regions_move_on_both_data_paths() {
             Some(bouncer) => bouncer.clone(),
             None => Arc::new(RawFile::open(image.as_path(), false).unwrap()),
         };
-        let mut handler = BlockHandler::new(BlockContext {
-            disk,
-            read_only: false,
-            writeback: true,
-            serial: [0; VIRTIO_BLK_ID_BYTES],
-            discard: range_limits(),
-            write_zeroes: range_limits(),
-        });
-        let mem = split_guest_memory();
+        let memory = GuestMemoryAtomic::new(split_guest_memory());
+        let Some(mut handler) = handler_for(engine, context(disk, false, true), &memory, 16) else {
+            continue;
+        };
+        let mem = memory.memory();
 
         // Read 3 sectors in: the guest buffer gets the disk bytes on both sides of the boundary.
         mem.write_slice(&vec![0u8; len], GuestAddress(addr))
             .unwrap();
         let reply = serve(&mut handler, &mem, VIRTIO_BLK_T_IN, 3, (addr, len as u32));
-        assert_eq!(reply, (OK, len as u32 + 1), "bouncing: {bouncing}");
+        assert_eq!(reply, (OK, len as u32 + 1), "{bouncing} {engine:?}");
         let mut back = vec![0u8; len];
         mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
         assert!(back == pattern(disk_size)[1536..1536 + len]);
@@ -779,7 +857,7 @@ fn large_buffers_spanning_memory_regions_move_on_both_data_paths() {
         let data: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
         mem.write_slice(&data, GuestAddress(addr)).unwrap();
         let reply = serve(&mut handler, &mem, VIRTIO_BLK_T_OUT, 8, (addr, len as u32));
-        assert_eq!(reply, (OK, 1), "bouncing: {bouncing}");
+        assert_eq!(reply, (OK, 1), "{bouncing} {engine:?}");
         let host = std::fs::read(image.as_path()).unwrap();
         assert!(host[4096..4096 + len] == data[..]);
         assert!(host[..4096] == pattern(disk_size)[..4096]);

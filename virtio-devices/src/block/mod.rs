@@ -8,23 +8,28 @@
 //!
 //! Disk images are raw files ([`RawFile`]) or qcow2 ([`Qcow2File`]), both behind [`DiskBackend`] and both locked
 //! on open so two VMs cannot write one image.
+//!
+//! Raw images are read, written and flushed through io_uring with many requests in flight ([`IoEngine::Auto`]);
+//! where the kernel does not offer io_uring the device says so once in the log and serves them synchronously, one at
+//! a time, as it does qcow2 images.
 
 mod backend;
 mod handler;
 mod lock;
 mod qcow2;
 mod request;
+mod uring;
 
 use std::mem::{offset_of, size_of};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use backend::{DiskBackend, DiskError, RawFile};
@@ -41,7 +46,7 @@ use crate::device::{
 };
 use crate::transport::MAX_QUEUES;
 use crate::worker::Worker;
-use handler::{BlockContext, BlockHandler, RangeLimits};
+use handler::{AsyncIo, BlockContext, BlockHandler, RangeLimits};
 
 /// The format of a disk image. It is always given, never guessed from the contents: a guest that can write a raw
 /// image could otherwise make it look like a qcow2 image pointing at host files.
@@ -85,6 +90,20 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 const MAX_RANGE_SEGMENTS: u32 = 32;
 /// Discard granularity advertised to the driver, in sectors (4 KiB: hole punching works on file system blocks).
 const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+
+/// Most requests one device keeps in its io_uring ring at once.
+const MAX_RING_ENTRIES: u32 = 1024;
+
+/// How a block device moves data for images it can access directly (raw images).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// io_uring with every available request in flight at once; synchronous I/O when the kernel does not offer
+    /// io_uring.
+    #[default]
+    Auto,
+    /// Synchronous reads and writes on the device thread, one request at a time.
+    Sync,
+}
 
 /// How a block device presents its disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +151,7 @@ pub struct Block {
     avail_features: u64,
     acked_features: u64,
     config: Vec<u8>,
+    io_engine: IoEngine,
     worker: Option<Worker>,
 }
 
@@ -141,6 +161,7 @@ impl std::fmt::Debug for Block {
             .field("capacity_bytes", &self.disk.size())
             .field("read_only", &self.disk.is_read_only())
             .field("queues", &self.queue_sizes.len())
+            .field("io_engine", &self.io_engine)
             .field("active", &self.worker.is_some())
             .finish_non_exhaustive()
     }
@@ -196,8 +217,14 @@ impl Block {
             avail_features: features,
             acked_features: 0,
             config,
+            io_engine: IoEngine::default(),
             worker: None,
         })
+    }
+
+    /// Chooses how the device moves data from its next activation on.
+    pub fn set_io_engine(&mut self, engine: IoEngine) {
+        self.io_engine = engine;
     }
 
     /// Capacity in 512-byte sectors.
@@ -315,9 +342,34 @@ impl VirtioDevice for Block {
             discard: range_limits(),
             write_zeroes: range_limits(),
         };
+        let handler = match self.io_engine {
+            IoEngine::Sync => BlockHandler::new(ctx),
+            IoEngine::Auto => {
+                let entries: u32 = queues
+                    .iter()
+                    .map(|(_, queue, _)| u32::from(queue.size()))
+                    .sum();
+                match AsyncIo::new(&self.disk, mem.clone(), entries.min(MAX_RING_ENTRIES)) {
+                    Ok(Some(io)) => BlockHandler::with_async_io(ctx, io),
+                    Ok(None) => BlockHandler::new(ctx),
+                    Err(err) => {
+                        static WARNED: Once = Once::new();
+                        WARNED.call_once(|| {
+                            let reason = if uring::unavailable(&err) {
+                                "the kernel does not offer io_uring or forbids it here"
+                            } else {
+                                "setting up io_uring failed"
+                            };
+                            tracing::warn!(%err, "{reason}; virtio-blk devices fall back to synchronous I/O, one request at a time");
+                        });
+                        BlockHandler::new(ctx)
+                    }
+                }
+            }
+        };
         self.worker = Some(Worker::spawn(
             "virtio-blk",
-            BlockHandler::new(ctx),
+            handler,
             mem,
             interrupt,
             queues,
@@ -333,3 +385,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 #[path = "block_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "async_tests.rs"]
+mod async_tests;
