@@ -217,3 +217,126 @@ fn the_boot_order_follows_bootindex_and_a_non_bootable_disk_is_skipped() {
     );
     assert!(boot_lines(&run).is_empty(), "{run:?}");
 }
+
+/// Kills process `pid` unless `done` is set within `limit`: a bound on a test that reads a live VM's output.
+fn watchdog(
+    pid: u32,
+    limit: Duration,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    let thread = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while !flag.load(Ordering::SeqCst) {
+            if start.elapsed() > limit {
+                // SAFETY: kill has no memory-safety preconditions; the pid is our child, not yet reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    (done, thread)
+}
+
+/// `raw` without terminal escape sequences (`ESC [ ... letter`, `ESC c`) and carriage returns: SeaBIOS's serial
+/// console and GRUB interleave cursor and colour sequences with the text.
+fn plain(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.next_if_eq(&'[').is_some() {
+                    // Parameters and intermediates, up to the final letter.
+                    while chars.next().is_some_and(|p| !p.is_ascii_alphabetic()) {}
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Reads `out` into `seen` until its plain text contains `needle` (panics, showing the text, if the output ends).
+fn read_until_text(out: &mut impl std::io::Read, seen: &mut Vec<u8>, needle: &str) {
+    let mut buf = [0u8; 512];
+    while !plain(seen).contains(needle) {
+        let n = out.read(&mut buf).expect("read guest output");
+        assert!(n > 0, "output ended before '{needle}': {}", plain(seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn plain_text_drops_escape_sequences_and_carriage_returns() {
+    assert_eq!(
+        plain(b"\x1bc\x1b[?7l\x1b[0;30;47mWelcome to GRUB\r\x1b[5;78H!\r\n"),
+        "Welcome to GRUB!\n"
+    );
+}
+
+#[test]
+fn grub_shows_its_menu_on_the_serial_console_and_runs_the_chosen_entry() {
+    use std::io::Write;
+    use std::process::Stdio;
+    if !seabios_available() {
+        return;
+    }
+    let dir = scratch_dir("fw-grub");
+    let image = dir.join("grub.img");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/make-grub-disk.sh");
+    let made = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&image)
+        .output()
+        .expect("run make-grub-disk.sh");
+    if !made.status.success() {
+        let why = String::from_utf8_lossy(&made.stderr);
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("cannot build the GRUB disk under CI: {why}");
+        }
+        eprintln!("SKIPPED: cannot build the GRUB disk: {why}");
+        return;
+    }
+    let disk = format!("path={},readonly=on", image.display());
+    let debug_console = format!("file={}", dir.join("debugcon.log").display());
+    let mut child = atrium()
+        .args(["--firmware", SEABIOS, "--disk", &disk])
+        .args(["--debug-console", &debug_console])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start atrium");
+    let (done, guard) = watchdog(child.id(), FIRMWARE_LIMIT);
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut input = child.stdin.take().expect("stdin piped");
+    let mut seen = Vec::new();
+    let start = std::time::Instant::now();
+    // SeaBIOS boots GRUB from the virtio-blk disk; GRUB draws its menu on COM1 and counts down.
+    read_until_text(&mut out, &mut seen, "GRUB loading.");
+    read_until_text(&mut out, &mut seen, "GNU GRUB  version 2.");
+    read_until_text(&mut out, &mut seen, "*Atrium GRUB test");
+    read_until_text(&mut out, &mut seen, "will be executed automatically in");
+    eprintln!("GRUB menu after {:?}", start.elapsed());
+    // Enter runs the highlighted entry: GRUB read the key from the serial port.
+    input.write_all(b"\r").expect("send Enter");
+    read_until_text(&mut out, &mut seen, "atrium-grub: entry selected");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = child.kill();
+    let _ = child.wait();
+    guard.join().expect("watchdog");
+    let text = plain(&seen);
+    assert!(text.contains("SeaBIOS (version "), "{text}");
+    // Enter ran the entry before the countdown did.
+    assert!(!text.contains("executed automatically in 0s"), "{text}");
+}
