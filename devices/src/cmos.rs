@@ -53,6 +53,23 @@ const CHECKSUM_HI: usize = 0x2e;
 const HIGH_MEM_LO: usize = 0x34;
 const MEM_ABOVE_4G: usize = 0x5b;
 
+/// Boot sequence fields (Bochs/QEMU layout): third device in the high nibble, floppy-signature check off in bit 0.
+const BOOT_FLAG1: usize = 0x38;
+/// First boot device in the low nibble, second in the high nibble.
+const BOOT_FLAG2: usize = 0x3d;
+
+/// A device class in the CMOS boot sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CmosBootDevice {
+    /// The first floppy drive.
+    Floppy = 1,
+    /// The first hard disk.
+    HardDisk = 2,
+    /// The first CD-ROM drive.
+    CdRom = 3,
+}
+
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 /// Unit of the memory-above-16-MiB and memory-above-4-GiB fields.
@@ -130,6 +147,15 @@ impl Cmos {
         self.index = state.index & 0x7f;
         self.data = state.data;
         self.data[usize::from(REG_A)] &= !REG_A_UIP;
+    }
+
+    /// Sets the boot sequence a BIOS follows when it has no boot order list of its own: up to three devices, first
+    /// choice first, in the Bochs/QEMU layout SeaBIOS reads (first and second in 0x3d, third in the high nibble of
+    /// 0x38, whose bit 0 set skips the floppy boot-signature check). Devices past the third are ignored.
+    pub fn set_boot_sequence(&mut self, devices: &[CmosBootDevice]) {
+        let code = |i: usize| devices.get(i).map_or(0, |d| *d as u8);
+        self.data[BOOT_FLAG2] = code(1) << 4 | code(0);
+        self.data[BOOT_FLAG1] = (self.data[BOOT_FLAG1] & 0x0f) | code(2) << 4;
     }
 
     /// The 128 bytes of CMOS RAM as the guest left them (what real hardware keeps on its battery).
@@ -408,6 +434,22 @@ mod tests {
         // The alarm bytes are plain storage.
         write(&mut cmos, 0x01, 0x42);
         assert_eq!(read(&mut cmos, 0x01), 0x42);
+    }
+
+    #[test]
+    fn boot_sequence_uses_the_bochs_layout() {
+        let mut cmos = Cmos::new(128 * MIB, 0);
+        cmos.set_boot_sequence(&[CmosBootDevice::HardDisk]);
+        assert_eq!(read(&mut cmos, 0x3d), 0x02);
+        assert_eq!(read(&mut cmos, 0x38), 0x00);
+        cmos.set_boot_sequence(&[
+            CmosBootDevice::CdRom,
+            CmosBootDevice::HardDisk,
+            CmosBootDevice::Floppy,
+            CmosBootDevice::HardDisk,
+        ]);
+        assert_eq!(read(&mut cmos, 0x3d), 0x23);
+        assert_eq!(read(&mut cmos, 0x38), 0x10);
     }
 
     #[test]

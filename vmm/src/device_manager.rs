@@ -332,6 +332,14 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Sets the boot sequence a BIOS reads from CMOS when it has no boot order list.
+    pub fn set_boot_sequence(&self, devices: &[devices::cmos::CmosBootDevice]) {
+        self.cmos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_boot_sequence(devices);
+    }
+
     /// Adds the firmware debug console (port 0x402), writing to `out`.
     pub fn add_debug_console(
         &mut self,

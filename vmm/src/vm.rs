@@ -225,6 +225,8 @@ impl Vm {
                 },
             )?;
             devices.add_legacy_pc(events.clone())?;
+            // Disks only: without a bootindex the firmware tries the first hard disk (not a floppy drive first).
+            devices.set_boot_sequence(&[devices::cmos::CmosBootDevice::HardDisk]);
             devices.add_io_device(
                 Arc::new(std::sync::Mutex::new(fw_cfg)),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
