@@ -220,13 +220,16 @@ fn a_flush_completes_after_the_writes_before_it() {
     for (engine, image, mut handler, mem) in handlers(64) {
         let guard = mem.memory();
         let vq = MockSplitQueue::new(&*guard, 64);
-        // Eight writes, a flush, and reads of other sectors in flight alongside.
-        let mut ops: Vec<Op> = (0..8u64)
-            .map(|i| Op::Write {
-                sector: 64 + 16 * i,
-                len: 4096,
-            })
-            .collect();
+        // A read first (so the writes after it go through the ring too), eight writes, a flush, and more reads of
+        // other sectors alongside.
+        let mut ops = vec![Op::Read {
+            sector: 1,
+            len: 4096,
+        }];
+        ops.extend((0..8u64).map(|i| Op::Write {
+            sector: 64 + 16 * i,
+            len: 4096,
+        }));
         ops.push(Op::Flush);
         ops.extend((0..4u64).map(|i| Op::Read {
             sector: 8 * i,
@@ -237,10 +240,10 @@ fn a_flush_completes_after_the_writes_before_it() {
         process_queue_to_completion(&mut handler, 0, &mut queue, &guard).unwrap();
         let order = used(&vq);
         assert_eq!(order.len(), ops.len());
-        let flush_at = order.iter().position(|&(slot, _)| slot == 8).unwrap();
+        let flush_at = order.iter().position(|&(slot, _)| slot == 9).unwrap();
         for (position, &(slot, _)) in order.iter().enumerate() {
             assert_eq!(status(&guard, slot), OK, "{engine:?} slot {slot}");
-            if slot < 8 {
+            if (1..9).contains(&slot) {
                 assert!(
                     position < flush_at,
                     "{engine:?}: write {slot} completed after the flush: {order:?}"
@@ -249,8 +252,8 @@ fn a_flush_completes_after_the_writes_before_it() {
         }
         // Every write is in the file, and a read after the flush completed sees it.
         let host = std::fs::read(image.as_path()).unwrap();
-        for slot in 0..8 {
-            let at = (64 + 16 * slot) * 512;
+        for slot in 1..9 {
+            let at = (64 + 16 * (slot - 1)) * 512;
             assert!(host[at..at + 4096] == slot_data(slot, 4096)[..]);
         }
         let vq = MockSplitQueue::new(&*guard, 64);
@@ -265,8 +268,45 @@ fn a_flush_completes_after_the_writes_before_it() {
         process_queue_to_completion(&mut handler, 0, &mut queue, &guard).unwrap();
         for slot in 0..8 {
             assert_eq!(status(&guard, slot), OK);
-            assert!(guest(&guard, DATA + SLOT * slot as u64, 4096) == slot_data(slot, 4096));
+            assert!(guest(&guard, DATA + SLOT * slot as u64, 4096) == slot_data(slot + 1, 4096));
         }
+    }
+}
+
+#[test]
+fn a_cached_write_with_nothing_in_flight_is_written_at_once() {
+    for (writeback, expect_in_flight) in [(true, 0), (false, 1)] {
+        let image = image();
+        let disk: Arc<dyn DiskBackend> = Arc::new(RawFile::open(image.as_path(), false).unwrap());
+        let mem = guest_memory();
+        let ctx = context(disk, false, writeback);
+        let Some(mut handler) = handler_for(IoEngine::Auto, ctx, &mem, 16) else {
+            return;
+        };
+        let guard = mem.memory();
+        let vq = MockSplitQueue::new(&*guard, 16);
+        submit(
+            &vq,
+            &guard,
+            &[Op::Write {
+                sector: 8,
+                len: 4096,
+            }],
+        );
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let served = serve_available(&mut handler, 0, &mut queue, &guard).unwrap();
+        // With a write cache the write went into the page cache on the spot; a durable write waits in the ring.
+        assert_eq!(
+            handler.in_flight(),
+            expect_in_flight,
+            "writeback {writeback}"
+        );
+        assert_eq!(served.used, expect_in_flight == 0);
+        process_queue_to_completion(&mut handler, 0, &mut queue, &guard).unwrap();
+        assert_eq!(used(&vq), [(0, 1)]);
+        assert_eq!(status(&guard, 0), OK);
+        let host = std::fs::read(image.as_path()).unwrap();
+        assert!(host[4096..8192] == slot_data(0, 4096)[..]);
     }
 }
 
