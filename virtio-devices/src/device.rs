@@ -42,6 +42,8 @@ pub enum VirtioDeviceType {
     Rng,
     /// Socket device (type 19).
     Vsock,
+    /// Memory device (type 24).
+    Mem,
 }
 
 impl VirtioDeviceType {
@@ -53,6 +55,7 @@ impl VirtioDeviceType {
             Self::Console => virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE,
             Self::Rng => virtio_bindings::virtio_ids::VIRTIO_ID_RNG,
             Self::Vsock => virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK,
+            Self::Mem => virtio_bindings::virtio_ids::VIRTIO_ID_MEM,
         }
     }
 }
@@ -191,5 +194,6 @@ mod tests {
         assert_eq!(VirtioDeviceType::Console.id(), 3);
         assert_eq!(VirtioDeviceType::Rng.id(), 4);
         assert_eq!(VirtioDeviceType::Vsock.id(), 19);
+        assert_eq!(VirtioDeviceType::Mem.id(), 24);
     }
 }

@@ -21,6 +21,7 @@ mod chain;
 mod console;
 mod device;
 mod io_worker;
+mod mem;
 mod net;
 mod rng;
 mod tap;
@@ -48,6 +49,12 @@ pub use console::{
 pub use device::{
     ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
+};
+pub use mem::{
+    BlockRange, BlockState, MemRequest, MemRequestError, MemRequestErrorKind, MemResponse,
+    MemoryDiscard, ParsedRequest, VirtioMem, VirtioMemError, VirtioMemGeometry, VirtioMemHandle,
+    VirtioMemState, VIRTIO_MEM_BLOCK_SIZE, VIRTIO_MEM_MAX_BLOCKS, VIRTIO_MEM_QUEUE_SIZE,
+    VIRTIO_MEM_REQUEST_SIZE, VIRTIO_MEM_RESPONSE_SIZE,
 };
 pub use net::{Net, NetError, NetOptions, MAX_FRAME_LEN, NET_DEFAULT_QUEUE_SIZE};
 pub use rng::{Rng, RngError, RngSource, MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};

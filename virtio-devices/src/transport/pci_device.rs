@@ -159,6 +159,7 @@ fn class_code(device_type: VirtioDeviceType) -> PciClassCode {
         VirtioDeviceType::Rng => PciClassCode::OTHER,
         // Simple communication, other.
         VirtioDeviceType::Vsock => PciClassCode::new(0x07, 0x80, 0x00),
+        VirtioDeviceType::Mem => PciClassCode::OTHER,
     }
 }
 
