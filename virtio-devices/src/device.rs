@@ -17,6 +17,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::counters::DeviceCounters;
+
 /// Guest memory as the devices see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
@@ -134,6 +136,13 @@ pub trait VirtioDevice: Send {
     /// Stops the device's worker and gives back the queue notification events it was given, or `None` when the
     /// device was not active. The device is ready for a new negotiation afterwards.
     fn reset(&mut self) -> Option<Vec<(usize, EventFd)>>;
+
+    /// The device's counters (bytes moved, requests served...), shared with its threads: reading them takes no lock
+    /// and never waits for the device. They count over the device's life, across driver resets. `None` for a device
+    /// that keeps none.
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        None
+    }
 
     /// The device's saved state.
     fn state(&self) -> VirtioDeviceState {

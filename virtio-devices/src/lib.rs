@@ -4,6 +4,7 @@
 //!   `activate`/`reset`. Each active device serves its queues on its own thread, woken by epoll on the queue
 //!   notification events and a kill event.
 //! - [`VirtioInterrupt`] is how a device notifies the driver; the transport implements it.
+//! - [`DeviceCounters`] are a device's statistics ([`VirtioDevice::counters`]), read without locking the device.
 //! - [`VirtioPciDevice`] is the modern virtio-pci transport: a [`pci::PciDevice`] with the common, notification,
 //!   ISR and device configuration structures and MSI-X in BAR 0 (layout in its documentation).
 //! - [`Rng`] is virtio-rng; [`Block`] is virtio-blk over a [`DiskBackend`] ([`RawFile`] or [`Qcow2File`], opened
@@ -19,6 +20,7 @@
 mod block;
 mod chain;
 mod console;
+mod counters;
 mod device;
 mod io_worker;
 mod mem;
@@ -46,6 +48,7 @@ pub use chain::ChainError;
 pub use console::{
     Console, ConsoleError, ConsoleInput, CONSOLE_INPUT_CAPACITY, CONSOLE_QUEUE_SIZE,
 };
+pub use counters::DeviceCounters;
 pub use device::{
     ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceState, VirtioDeviceType,
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,

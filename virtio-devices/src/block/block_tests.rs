@@ -168,6 +168,7 @@ pub(super) fn context(
         serial,
         discard: range_limits(),
         write_zeroes: range_limits(),
+        counters: Arc::default(),
     }
 }
 
@@ -176,6 +177,7 @@ struct Setup {
     disk: Arc<CountingDisk>,
     handler: BlockHandler,
     mem: GuestMemory,
+    counters: Arc<crate::counters::BlockCounters>,
 }
 
 fn setup_on(engine: IoEngine, read_only: bool, writeback: bool) -> Option<Setup> {
@@ -185,17 +187,15 @@ fn setup_on(engine: IoEngine, read_only: bool, writeback: bool) -> Option<Setup>
         flushes: AtomicUsize::new(0),
     });
     let mem = guest_memory();
-    let handler = handler_for(
-        engine,
-        context(disk.clone(), read_only, writeback),
-        &mem,
-        16,
-    )?;
+    let ctx = context(disk.clone(), read_only, writeback);
+    let counters = ctx.counters.clone();
+    let handler = handler_for(engine, ctx, &mem, 16)?;
     Some(Setup {
         image,
         disk,
         handler,
         mem,
+        counters,
     })
 }
 
@@ -448,6 +448,50 @@ fn unknown_requests_are_unsupported() {
 }
 
 #[test]
+fn counters_follow_every_request_on_both_engines() {
+    use crate::counters::DeviceCounters;
+
+    for with_cache in [true, false] {
+        for mut s in setups_with(false, with_cache) {
+            assert_eq!(s.request(VIRTIO_BLK_T_IN, 2, 1024, true), (OK, 1025));
+            assert_eq!(s.request(VIRTIO_BLK_T_IN, 0, 512, true), (OK, 513));
+            assert_eq!(s.request(VIRTIO_BLK_T_OUT, 4, 1536, false), (OK, 1));
+            assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, 0, false), (OK, 1));
+            assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, 20, true), (OK, 21));
+            let len = s.ranges(&[(8, 8, 0)]);
+            assert_eq!(s.request(VIRTIO_BLK_T_DISCARD, 0, len, false), (OK, 1));
+            assert_eq!(s.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, len, false), (OK, 1));
+            // Failures of every kind: past the end (read and write), an unknown type, a chain without a status.
+            let end = (DISK_SIZE / 512) as u64;
+            assert_eq!(s.request(VIRTIO_BLK_T_IN, end, 512, true), (IOERR, 1));
+            assert_eq!(s.request(VIRTIO_BLK_T_OUT, end, 512, false), (IOERR, 1));
+            assert_eq!(s.request(2, 0, 512, true), (UNSUPP, 1));
+            s.header(VIRTIO_BLK_T_IN, 0);
+            let no_status = [
+                desc(HEADER, 16, false, Some(1)),
+                desc(DATA, 512, false, None),
+            ];
+            assert_eq!(s.run(&no_status), (0xee, 0));
+            assert_eq!(
+                s.counters.snapshot(),
+                [
+                    ("read_bytes", 1536),
+                    ("write_bytes", 1536),
+                    ("read_ops", 2),
+                    ("write_ops", 1),
+                    ("flush_ops", 1),
+                    ("discard_ops", 1),
+                    ("write_zeroes_ops", 1),
+                    ("errors", 4),
+                ],
+                "write cache {with_cache}, async {}",
+                s.handler.is_async()
+            );
+        }
+    }
+}
+
+#[test]
 fn malformed_chains_get_an_error_status_or_nothing() {
     for mut s in setups() {
         s.header(VIRTIO_BLK_T_IN, 0);
@@ -690,9 +734,20 @@ fn the_device_serves_its_queues_on_a_thread() {
         let mut data = [0u8; 512];
         guard.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert_eq!(data[..], pattern(DISK_SIZE)[..512]);
+        let counters = block.counters().unwrap();
+        let after_one_read = [
+            ("read_bytes", 512),
+            ("write_bytes", 0),
+            ("read_ops", 1),
+            ("write_ops", 0),
+        ];
+        assert_eq!(counters.snapshot()[..4], after_one_read);
         let events = block.reset().unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].0, 1);
+        // The counters cover the device's life, not one activation.
+        assert_eq!(counters.snapshot()[..4], after_one_read);
+        assert_eq!(block.counters().unwrap().snapshot()[..4], after_one_read);
     }
 }
 

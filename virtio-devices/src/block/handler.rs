@@ -33,6 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, Gues
 use super::backend::DiskBackend;
 use super::request::{Request, RequestError, RequestType, DISCARD_SEGMENT_SIZE, SECTOR_SIZE};
 use super::uring::{IoKind, IoVecs, Uring};
+use crate::counters::BlockCounters;
 use crate::device::{GuestMemory, GuestMemoryMmap};
 use crate::worker::{ChainHandler, Completion, Started};
 
@@ -57,6 +58,8 @@ pub(crate) struct BlockContext {
     pub(crate) serial: [u8; VIRTIO_BLK_ID_BYTES],
     pub(crate) discard: RangeLimits,
     pub(crate) write_zeroes: RangeLimits,
+    /// The device's counters, bumped as requests get their status.
+    pub(crate) counters: Arc<BlockCounters>,
 }
 
 /// Why a request failed: the status it gets.
@@ -83,6 +86,9 @@ struct InFlight {
     status: GuestAddress,
     /// Data bytes the request puts in guest buffers when it succeeds.
     data_written: u32,
+    /// The request's type and data length, for the counters.
+    request_type: RequestType,
+    data_len: u64,
     /// The guest memory the request's vectors point into; holding it keeps every region mapped.
     mem: Arc<GuestMemoryMmap>,
 }
@@ -200,6 +206,9 @@ impl BlockHandler {
                 Err(Failure::Unsupported)
             }
         };
+        self.ctx
+            .counters
+            .request(request.request_type, request.data_len, result.is_ok());
         match result {
             // Lossless: a chain holds at most 4 GiB in total.
             Ok(written) => (
@@ -392,6 +401,8 @@ impl BlockHandler {
             head,
             status: request.status,
             data_written,
+            request_type: request.request_type,
+            data_len: request.data_len,
             mem: snapshot,
         };
         // SAFETY: every vector is a slice vm-memory cut out of `token.mem`'s regions (so it lies inside a mapping of
@@ -446,7 +457,10 @@ impl ChainHandler for BlockHandler {
                 let (status, written) = self.execute(&request, mem);
                 finish(mem, request.status, status, written)
             }
-            Err(err) => reject(&err, mem),
+            Err(err) => {
+                self.ctx.counters.errors.inc();
+                reject(&err, mem)
+            }
         }
     }
 
@@ -462,7 +476,10 @@ impl ChainHandler for BlockHandler {
         let head = chain.head_index();
         let request = match Request::parse(chain, mem) {
             Ok(request) => request,
-            Err(err) => return Started::Done(reject(&err, mem)),
+            Err(err) => {
+                self.ctx.counters.errors.inc();
+                return Started::Done(reject(&err, mem));
+            }
         };
         let async_request = match request.request_type {
             RequestType::In | RequestType::Flush => true,
@@ -472,7 +489,10 @@ impl ChainHandler for BlockHandler {
         if async_request {
             return match self.start_io(queue_index, head, &request, mem) {
                 Ok(()) => Started::InFlight,
-                Err(failure) => Started::Done(finish(mem, request.status, failure.status(), 0)),
+                Err(failure) => {
+                    self.ctx.counters.errors.inc();
+                    Started::Done(finish(mem, request.status, failure.status(), 0))
+                }
             };
         }
         let (status, written) = self.execute(&request, mem);
@@ -491,7 +511,9 @@ impl ChainHandler for BlockHandler {
         let Some(io) = self.io.as_mut() else {
             return;
         };
+        let counters = &self.ctx.counters;
         io.ring.poll(|request, result| {
+            counters.request(request.request_type, request.data_len, result.is_ok());
             let status = match result {
                 Ok(()) => VIRTIO_BLK_S_OK as u8,
                 Err(err) => io_failure("I/O", &err).status(),

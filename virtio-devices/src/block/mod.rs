@@ -40,6 +40,7 @@ pub use request::{
     REQUEST_HEADER_SIZE, SECTOR_SIZE,
 };
 
+use crate::counters::{BlockCounters, DeviceCounters};
 use crate::device::{
     read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioDeviceType, VirtioInterrupt,
     COMMON_FEATURES,
@@ -152,6 +153,7 @@ pub struct Block {
     acked_features: u64,
     config: Vec<u8>,
     io_engine: IoEngine,
+    counters: Arc<BlockCounters>,
     worker: Option<Worker>,
 }
 
@@ -218,6 +220,7 @@ impl Block {
             acked_features: 0,
             config,
             io_engine: IoEngine::default(),
+            counters: Arc::default(),
             worker: None,
         })
     }
@@ -341,6 +344,7 @@ impl VirtioDevice for Block {
             serial: self.serial,
             discard: range_limits(),
             write_zeroes: range_limits(),
+            counters: self.counters.clone(),
         };
         let handler = match self.io_engine {
             IoEngine::Sync => BlockHandler::new(ctx),
@@ -379,6 +383,10 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> Option<Vec<(usize, EventFd)>> {
         self.worker.take().map(Worker::stop)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 }
 
