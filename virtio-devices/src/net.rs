@@ -31,6 +31,7 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::counters::{DeviceCounters, NetCounters};
 use crate::device::{
     read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioDeviceType, VirtioInterrupt,
     COMMON_FEATURES,
@@ -145,6 +146,7 @@ pub struct Net {
     avail_features: u64,
     acked_features: u64,
     config: Vec<u8>,
+    counters: Arc<NetCounters>,
     worker: Option<IoWorker>,
 }
 
@@ -281,6 +283,7 @@ impl Net {
             avail_features: features,
             acked_features: 0,
             config,
+            counters: Arc::default(),
             worker: None,
         })
     }
@@ -419,9 +422,11 @@ impl VirtioDevice for Net {
             tx: TxHandler::new(
                 self.taps.clone(),
                 negotiated_offloads(self.acked_features, true),
+                self.counters.clone(),
             ),
             mergeable: self.has(VIRTIO_NET_F_MRG_RXBUF),
             accepted,
+            counters: self.counters.clone(),
         };
         self.worker = Some(IoWorker::spawn("virtio-net", handler)?);
         Ok(())
@@ -429,6 +434,10 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> Option<Vec<(usize, EventFd)>> {
         self.worker.take().map(IoWorker::stop)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 }
 

@@ -19,6 +19,7 @@ use super::ctrl::CtrlHandler;
 use super::rx::{deliver_frame, fit_header, wait_for_buffers, Delivery};
 use super::tx::TxHandler;
 use super::MAX_FRAME_LEN;
+use crate::counters::{Counter, NetCounters};
 use crate::device::{GuestMemory, GuestMemoryMmap, VirtioInterrupt};
 use crate::io_worker::{notify, serve_queue, stop_queue, IoHandler, Poller, QueueSlot};
 use crate::tap::{Tap, TapOffloads, VNET_HDR_LEN};
@@ -65,12 +66,15 @@ enum Read {
     Failed,
 }
 
-/// Reads the next frame of a usable size from `tap`.
-fn read_frame(tap: &Tap, buf: &mut [u8]) -> Read {
+/// Reads the next frame of a usable size from `tap`, counting the others in `dropped`.
+fn read_frame(tap: &Tap, buf: &mut [u8], dropped: &Counter) -> Read {
     loop {
         match tap.read(buf) {
             Ok(len) if (VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) => return Read::Frame(len),
-            Ok(len) => tracing::debug!(len, "dropping a frame of unusable size from the tap"),
+            Ok(len) => {
+                tracing::debug!(len, "dropping a frame of unusable size from the tap");
+                dropped.inc();
+            }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Read::Empty,
             Err(err) => {
@@ -93,6 +97,8 @@ pub(super) struct NetHandler {
     pub(super) mergeable: bool,
     /// The receive offloads the driver negotiated.
     pub(super) accepted: TapOffloads,
+    /// The device's counters.
+    pub(super) counters: Arc<NetCounters>,
 }
 
 impl NetHandler {
@@ -127,6 +133,7 @@ impl NetHandler {
         let mem: &GuestMemoryMmap = &guard;
         let (mergeable, accepted) = (self.mergeable, self.accepted);
         let interrupt = &*self.interrupt;
+        let counters = &*self.counters;
         let pair = &mut self.pairs[p];
         let Some(slot) = pair.rx.as_mut() else {
             return;
@@ -146,7 +153,7 @@ impl NetHandler {
         while failure.is_none() && (budget > 0 || pair.pending.is_some()) {
             let len = match pair.pending.take() {
                 Some(len) => len,
-                None => match read_frame(&pair.tap, &mut pair.frame) {
+                None => match read_frame(&pair.tap, &mut pair.frame, &counters.rx_dropped) {
                     Read::Frame(len) => {
                         budget -= 1;
                         len
@@ -176,9 +183,10 @@ impl NetHandler {
                 tracing::debug!(
                     "dropping a received frame with offloads the driver did not negotiate"
                 );
+                counters.rx_dropped.inc();
                 continue;
             }
-            match deliver_frame(&mut slot.queue, slot.index, mem, frame, mergeable) {
+            match deliver_frame(&mut slot.queue, slot.index, mem, frame, mergeable, counters) {
                 Ok(Delivery::Delivered { .. }) => {
                     returned = true;
                     last_seen = None;

@@ -332,6 +332,26 @@ fn transmitted_frames_reach_the_tap_and_bad_chains_do_not() {
             );
         }
         assert_eq!(rig.socket.recv_test_frame(), frame);
+        // Frame bytes count without the virtio-net header; the two refused chains are drops.
+        let counters = rig.net.counters().unwrap();
+        let expected = |tx_bytes: usize| {
+            vec![
+                ("rx_bytes", 0),
+                ("rx_frames", 0),
+                ("tx_bytes", tx_bytes as u64),
+                ("tx_frames", 1),
+                ("rx_dropped", 0),
+                ("tx_dropped", 2),
+            ]
+        };
+        assert_eq!(counters.snapshot(), expected(frame.len()));
+        // A driver reset stops the device thread, not the counting.
+        rig.net.reset().unwrap();
+        assert_eq!(counters.snapshot(), expected(frame.len()));
+        assert_eq!(
+            rig.net.counters().unwrap().snapshot(),
+            expected(frame.len())
+        );
     });
 }
 
@@ -356,6 +376,13 @@ fn frames_from_the_tap_land_in_receive_buffers() {
         }
         // The last buffer waits for the next frame, which can come after more buffers are posted.
         assert_eq!(rig.queues[0].used_idx(), 3);
+        let counters = rig.net.counters().unwrap().snapshot();
+        let bytes: usize = frames.iter().map(Vec::len).sum();
+        assert_eq!(
+            counters[..2],
+            [("rx_bytes", bytes as u64), ("rx_frames", 3)]
+        );
+        assert_eq!(counters[4], ("rx_dropped", 0));
     });
 }
 
@@ -382,9 +409,10 @@ fn without_receive_buffers_the_tap_is_not_polled_until_the_driver_posts_some() {
             )],
             ctrl: None,
             ctrl_handler: CtrlHandler::new(vec![tap.clone()], false),
-            tx: TxHandler::new(vec![tap.clone()], TapOffloads::default()),
+            tx: TxHandler::new(vec![tap.clone()], TapOffloads::default(), Arc::default()),
             mergeable: true,
             accepted: TapOffloads::default(),
+            counters: Arc::default(),
         };
         let poller = Poller::for_tests();
         handler.register(&poller).unwrap();
@@ -440,6 +468,8 @@ fn without_receive_buffers_the_tap_is_not_polled_until_the_driver_posts_some() {
             Reported::Interrupt(VirtioInterruptType::Queue(0))
         );
         assert!(handler.is_polled(0) && !handler.has_pending(0));
+        // The frame held back while the ring was full is counted once, when it was delivered.
+        assert_eq!(handler.counters.rx_frames.get(), 2);
         let events = handler.into_queue_events();
         assert_eq!(events.len(), 1);
     });
@@ -564,7 +594,7 @@ fn hostile_transmit_chains_never_panic() {
     in_private_netns("net hostile transmit", || {
         let tap = Arc::new(Tap::open(None).unwrap());
         tap.set_up().unwrap();
-        let mut handler = TxHandler::new(vec![tap], TapOffloads::ALL);
+        let mut handler = TxHandler::new(vec![tap], TapOffloads::ALL, Arc::default());
         let mem = guest_memory();
         let mut rng = XorShift(0x5eed_f00d_0000_7a90);
         for _ in 0..3000 {

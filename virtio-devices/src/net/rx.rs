@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tx::gso_permitted;
 use crate::chain::{descriptors, ChainError};
+use crate::counters::NetCounters;
 use crate::device::GuestMemoryMmap;
 use crate::tap::{TapOffloads, VNET_HDR_LEN};
 use crate::worker::QueueError;
@@ -128,13 +129,14 @@ pub(super) fn fit_header(frame: &mut [u8], accepted: TapOffloads) -> bool {
 
 /// Delivers `frame` (a virtio-net header and an Ethernet frame, as read from the tap) into receive queue
 /// `index`. `num_buffers` in `frame` is filled in here. Queue-level damage is an error; everything else is a
-/// [`Delivery`].
+/// [`Delivery`], counted in `counters` (frames delivered or dropped) before the used ring shows it.
 pub(super) fn deliver_frame(
     queue: &mut Queue,
     index: usize,
     mem: &GuestMemoryMmap,
     frame: &mut [u8],
     mergeable: bool,
+    counters: &NetCounters,
 ) -> Result<Delivery, QueueError> {
     let corrupt = |source| QueueError::Corrupt { index, source };
     let start = queue.next_avail();
@@ -148,6 +150,7 @@ pub(super) fn deliver_frame(
                 len = frame.len(),
                 "dropping a frame larger than the whole receive ring"
             );
+            counters.rx_dropped.inc();
             return Ok(Delivery::Dropped { returned: false });
         }
         let chain = queue.iter(mem).map_err(corrupt)?.next();
@@ -168,6 +171,7 @@ pub(super) fn deliver_frame(
             Ok(buffer) => buffer,
             Err(err) => {
                 tracing::debug!(%err, "dropping a frame: bad receive chain");
+                counters.rx_dropped.inc();
                 return_unused(queue, mem, &buffers, head).map_err(corrupt)?;
                 return Ok(Delivery::Dropped { returned: true });
             }
@@ -180,6 +184,7 @@ pub(super) fn deliver_frame(
                 capacity = buffer.capacity,
                 "dropping a frame larger than the receive buffer"
             );
+            counters.rx_dropped.inc();
             return Ok(Delivery::Dropped { returned: false });
         }
         capacity += buffer.capacity;
@@ -190,6 +195,10 @@ pub(super) fn deliver_frame(
     if let Some(field) = frame.get_mut(NUM_BUFFERS_OFFSET..VNET_HDR_LEN) {
         field.copy_from_slice(&count.to_le_bytes());
     }
+    counters.rx_frames.inc();
+    counters
+        .rx_bytes
+        .add(frame.len().saturating_sub(VNET_HDR_LEN) as u64);
     let mut offset = 0usize;
     for buffer in &buffers {
         let mut written = 0usize;

@@ -2,6 +2,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
 use super::*;
+use crate::counters::DeviceCounters;
 use crate::device::GuestMemory;
 use crate::test_queue::DriverQueue;
 use crate::test_utils::{guest_memory, MEM_SIZE};
@@ -33,7 +34,15 @@ fn expected(frame: &[u8], buffers: u16) -> Vec<u8> {
 
 fn deliver(mem: &GuestMemory, queue: &mut Queue, frame: &[u8], mergeable: bool) -> Delivery {
     let mut frame = frame.to_vec();
-    deliver_frame(queue, 0, &mem.memory(), &mut frame, mergeable).unwrap()
+    deliver_frame(
+        queue,
+        0,
+        &mem.memory(),
+        &mut frame,
+        mergeable,
+        &NetCounters::default(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -229,11 +238,53 @@ fn looping_chains_are_returned_empty() {
     .unwrap();
     let mut queue: Queue = vq.create_queue().unwrap();
     let mut frame = frame(150);
+    let counters = NetCounters::default();
     assert_eq!(
-        deliver_frame(&mut queue, 0, &guard, &mut frame, true).unwrap(),
+        deliver_frame(&mut queue, 0, &guard, &mut frame, true, &counters).unwrap(),
         Delivery::Dropped { returned: true }
     );
     assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(counters.rx_dropped.get(), 1);
+}
+
+#[test]
+fn deliveries_and_drops_are_counted_before_the_used_ring_shows_them() {
+    let mem = guest_memory();
+    let mut dq = DriverQueue::new(&mem, RING, 16);
+    let mut queue = dq.queue(false);
+    let counters = NetCounters::default();
+    let deliver = |queue: &mut Queue, len: usize, mergeable: bool| {
+        let mut frame = frame(len);
+        deliver_frame(queue, 0, &mem.memory(), &mut frame, mergeable, &counters).unwrap()
+    };
+    // Nothing posted: the frame waits and nothing is counted.
+    assert!(matches!(
+        deliver(&mut queue, 100, false),
+        Delivery::NoBuffers { .. }
+    ));
+    dq.add(&[(BUF, 1526, true)]);
+    // Too big for the buffer, then one that fits.
+    deliver(&mut queue, 3000, false);
+    deliver(&mut queue, 60, false);
+    // Spread over two mergeable buffers.
+    dq.add(&[(BUF + 0x1000, 1000, true)]);
+    dq.add(&[(BUF + 0x2000, 1000, true)]);
+    deliver(&mut queue, 1500, true);
+    // A bad chain.
+    dq.add(&[(BUF + 0x3000, 1000, false)]);
+    deliver(&mut queue, 100, true);
+    assert_eq!(dq.used_idx(), 4);
+    assert_eq!(
+        counters.snapshot(),
+        [
+            ("rx_bytes", (60 - 12) + (1500 - 12)),
+            ("rx_frames", 2),
+            ("tx_bytes", 0),
+            ("tx_frames", 0),
+            ("rx_dropped", 2),
+            ("tx_dropped", 0),
+        ]
+    );
 }
 
 #[test]
@@ -263,6 +314,7 @@ fn hostile_receive_chains_never_panic() {
     use crate::test_utils::{hostile_queue, XorShift};
 
     let mem = guest_memory();
+    let counters = NetCounters::default();
     let mut rng = XorShift(0xfeed_f00d_dead_beef);
     for _ in 0..3000 {
         let guard = mem.memory();
@@ -272,7 +324,7 @@ fn hostile_receive_chains_never_panic() {
         let mut frame = frame(rng.pick(&[12usize, 60, 1514, 4000, crate::net::MAX_FRAME_LEN]));
         let mergeable = rng.next().is_multiple_of(2);
         for _ in 0..4 {
-            match deliver_frame(&mut queue, 0, &guard, &mut frame, mergeable) {
+            match deliver_frame(&mut queue, 0, &guard, &mut frame, mergeable, &counters) {
                 Ok(Delivery::NoBuffers { .. }) | Err(_) => break,
                 Ok(_) => {}
             }

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::MAX_FRAME_LEN;
 use crate::chain::{descriptors, ChainError};
+use crate::counters::NetCounters;
 use crate::device::GuestMemoryMmap;
 use crate::tap::{Tap, TapOffloads, VNET_HDR_LEN};
 use crate::worker::ChainHandler;
@@ -117,14 +118,20 @@ pub(super) struct TxHandler {
     taps: Vec<Arc<Tap>>,
     allowed: TapOffloads,
     buf: Vec<u8>,
+    counters: Arc<NetCounters>,
 }
 
 impl TxHandler {
-    pub(super) fn new(taps: Vec<Arc<Tap>>, allowed: TapOffloads) -> Self {
+    pub(super) fn new(
+        taps: Vec<Arc<Tap>>,
+        allowed: TapOffloads,
+        counters: Arc<NetCounters>,
+    ) -> Self {
         Self {
             taps,
             allowed,
             buf: vec![0; MAX_FRAME_LEN],
+            counters,
         }
     }
 }
@@ -137,22 +144,32 @@ impl ChainHandler for TxHandler {
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let Some(tap) = self.taps.get(queue_index / 2) else {
+            self.counters.tx_dropped.inc();
             return 0;
         };
         let len = match gather_frame(chain, mem, &mut self.buf, self.allowed) {
             Ok(len) => len,
             Err(err) => {
                 tracing::debug!(%err, "skipping a virtio-net transmit chain");
+                self.counters.tx_dropped.inc();
                 return 0;
             }
         };
         match tap.write(&self.buf[..len]) {
-            Ok(_) => {}
+            Ok(_) => {
+                self.counters.tx_frames.inc();
+                // Lossless: at most MAX_FRAME_LEN, and at least the header (checked by gather_frame).
+                self.counters.tx_bytes.add((len - VNET_HDR_LEN) as u64);
+            }
             // The tap's queue is full: the frame is lost, as on a congested link.
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 tracing::debug!("tap queue full; dropping a transmitted frame");
+                self.counters.tx_dropped.inc();
             }
-            Err(err) => tracing::debug!(%err, "the tap refused a transmitted frame"),
+            Err(err) => {
+                tracing::debug!(%err, "the tap refused a transmitted frame");
+                self.counters.tx_dropped.inc();
+            }
         }
         0
     }
