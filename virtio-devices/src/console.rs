@@ -20,6 +20,7 @@ use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::chain::descriptors;
+use crate::counters::{ConsoleCounters, Counter, DeviceCounters};
 use crate::device::{
     read_config_bytes, ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceType,
     VirtioInterrupt, COMMON_FEATURES,
@@ -137,6 +138,7 @@ struct OutputHandler {
     output: Output,
     buf: Vec<u8>,
     failing: bool,
+    counters: Arc<ConsoleCounters>,
 }
 
 impl OutputHandler {
@@ -188,6 +190,7 @@ impl ChainHandler for OutputHandler {
                 if mem.read_slice(&mut buf[..take], addr).is_err() {
                     break;
                 }
+                self.counters.tx_bytes.add(take as u64);
                 self.write(&buf[..take]);
                 done += take;
             }
@@ -200,13 +203,15 @@ impl ChainHandler for OutputHandler {
     }
 }
 
-/// Moves buffered input into the receive queue's chains. Returns whether the used ring changed. Malformed chains
-/// (a driver-readable descriptor, outside guest memory) are returned with a used length of 0.
+/// Moves buffered input into the receive queue's chains, counting the bytes in `delivered`. Returns whether the used
+/// ring changed. Malformed chains (a driver-readable descriptor, outside guest memory) are returned with a used
+/// length of 0.
 fn deliver_input(
     queue: &mut Queue,
     index: usize,
     mem: &GuestMemoryMmap,
     input: &mut VecDeque<u8>,
+    delivered: &Counter,
 ) -> Result<bool, QueueError> {
     let corrupt = |source| QueueError::Corrupt { index, source };
     let mut used = false;
@@ -254,6 +259,7 @@ fn deliver_input(
                 0
             }
         };
+        delivered.add(written as u64);
         // Lossless: at most CONSOLE_INPUT_CAPACITY bytes.
         queue.add_used(mem, head, written as u32).map_err(corrupt)?;
         used = true;
@@ -269,6 +275,7 @@ struct ConsoleHandler {
     tx: Option<QueueSlot>,
     input: Arc<Input>,
     output: OutputHandler,
+    counters: Arc<ConsoleCounters>,
 }
 
 impl ConsoleHandler {
@@ -278,18 +285,24 @@ impl ConsoleHandler {
         };
         let guard = self.mem.memory();
         let mut input = self.input.lock();
-        let result =
-            deliver_input(&mut slot.queue, slot.index, &guard, &mut input).and_then(|used| {
-                if !used {
-                    return Ok(false);
-                }
-                slot.queue
-                    .needs_notification(&*guard)
-                    .map_err(|source| QueueError::Corrupt {
-                        index: slot.index,
-                        source,
-                    })
-            });
+        let delivered = deliver_input(
+            &mut slot.queue,
+            slot.index,
+            &guard,
+            &mut input,
+            &self.counters.rx_bytes,
+        );
+        let result = delivered.and_then(|used| {
+            if !used {
+                return Ok(false);
+            }
+            slot.queue
+                .needs_notification(&*guard)
+                .map_err(|source| QueueError::Corrupt {
+                    index: slot.index,
+                    source,
+                })
+        });
         drop(input);
         match result {
             Ok(true) => notify(&*self.interrupt, slot.index),
@@ -347,6 +360,7 @@ pub struct Console {
     output: Output,
     input: Arc<Input>,
     acked_features: u64,
+    counters: Arc<ConsoleCounters>,
     worker: Option<IoWorker>,
 }
 
@@ -369,6 +383,7 @@ impl Console {
                 event,
             }),
             acked_features: 0,
+            counters: Arc::default(),
             worker: None,
         })
     }
@@ -417,6 +432,7 @@ impl VirtioDevice for Console {
         let Some(byte) = data.first() else {
             return;
         };
+        self.counters.tx_bytes.inc();
         let mut output = lock_output(&self.output);
         if let Err(err) = output.write_all(&[*byte]).and_then(|()| output.flush()) {
             tracing::debug!(%err, "console emergency write failed");
@@ -460,7 +476,9 @@ impl VirtioDevice for Console {
                 output: self.output.clone(),
                 buf: vec![0; OUTPUT_CHUNK],
                 failing: false,
+                counters: self.counters.clone(),
             },
+            counters: self.counters.clone(),
         };
         self.worker = Some(IoWorker::spawn("virtio-console", handler)?);
         Ok(())
@@ -468,6 +486,10 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) -> Option<Vec<(usize, EventFd)>> {
         self.worker.take().map(IoWorker::stop)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 }
 

@@ -156,6 +156,12 @@ fn guest_output_reaches_the_writer_in_order() {
     rig.wait(&rig.tx, 2);
     assert_eq!(rig.output.contents(), b"hello, world\n");
     assert_eq!((rig.tx.used(0).1, rig.tx.used(1).1), (0, 0));
+    let counters = rig.console.counters().unwrap();
+    assert_eq!(counters.snapshot(), [("rx_bytes", 0), ("tx_bytes", 13)]);
+    // An emergency write is output too; a reset keeps the counts.
+    rig.console.write_config(EMERG_WR_OFFSET, b"!");
+    rig.console.reset().unwrap();
+    assert_eq!(counters.snapshot(), [("rx_bytes", 0), ("tx_bytes", 14)]);
 }
 
 #[test]
@@ -181,6 +187,8 @@ fn host_input_reaches_guest_buffers_as_they_are_posted() {
     assert_eq!(rig.rx.used(3).1, 4);
     assert_eq!(rig.read(fourth, 4), b"ghij");
     assert_eq!(input.capacity(), CONSOLE_INPUT_CAPACITY);
+    let counters = rig.console.counters().unwrap().snapshot();
+    assert_eq!(counters, [("rx_bytes", 25), ("tx_bytes", 0)]);
 }
 
 #[test]
@@ -275,10 +283,12 @@ fn hostile_chains_never_panic() {
     use crate::test_utils::{hostile_queue, XorShift};
 
     let output = SharedOutput::default();
+    let counters = Arc::new(ConsoleCounters::default());
     let mut handler = OutputHandler {
         output: Arc::new(Mutex::new(Box::new(output))),
         buf: vec![0; OUTPUT_CHUNK],
         failing: false,
+        counters: counters.clone(),
     };
     let mem = guest_memory();
     let mut rng = XorShift(0xc0ff_ee00_1234_5678);
@@ -292,7 +302,8 @@ fn hostile_chains_never_panic() {
         } else {
             let mut input: VecDeque<u8> = (0..rng.next() % 5000).map(|i| i as u8).collect();
             let before = input.len();
-            if deliver_input(&mut queue, 0, &guard, &mut input).is_ok() {
+            let delivered_before = counters.rx_bytes.get();
+            if deliver_input(&mut queue, 0, &guard, &mut input, &counters.rx_bytes).is_ok() {
                 let used = vq.used().idx().load();
                 let delivered: u32 = (0..used.min(8))
                     .map(|slot| {
@@ -305,6 +316,8 @@ fn hostile_chains_never_panic() {
                     })
                     .sum();
                 assert!(delivered as usize <= before);
+                let counted = counters.rx_bytes.get() - delivered_before;
+                assert_eq!(counted as usize, before - input.len());
             }
         }
     }

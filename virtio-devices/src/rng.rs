@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::descriptors;
+use crate::counters::{DeviceCounters, RngCounters};
 use crate::device::{
     read_config_bytes, ActivateError, GuestMemory, GuestMemoryMmap, VirtioDevice, VirtioDeviceType,
     VirtioInterrupt, COMMON_FEATURES,
@@ -106,13 +107,15 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
 struct RngHandler {
     entropy: Entropy,
     buf: Vec<u8>,
+    counters: Arc<RngCounters>,
 }
 
 impl RngHandler {
-    fn new(entropy: Entropy) -> Self {
+    fn new(entropy: Entropy, counters: Arc<RngCounters>) -> Self {
         Self {
             entropy,
             buf: vec![0; MAX_BYTES_PER_REQUEST],
+            counters,
         }
     }
 }
@@ -168,6 +171,7 @@ impl ChainHandler for RngHandler {
                 break;
             }
         }
+        self.counters.bytes.add(written as u64);
         // Lossless: at most MAX_BYTES_PER_REQUEST.
         written as u32
     }
@@ -177,6 +181,7 @@ impl ChainHandler for RngHandler {
 pub struct Rng {
     entropy: Entropy,
     acked_features: u64,
+    counters: Arc<RngCounters>,
     worker: Option<Worker>,
 }
 
@@ -199,6 +204,7 @@ impl Rng {
         Ok(Self {
             entropy,
             acked_features: 0,
+            counters: Arc::default(),
             worker: None,
         })
     }
@@ -259,7 +265,7 @@ impl VirtioDevice for Rng {
                 "virtio-rng needs exactly its request queue (0)".into(),
             ));
         }
-        let handler = RngHandler::new(self.entropy.clone());
+        let handler = RngHandler::new(self.entropy.clone(), self.counters.clone());
         self.worker = Some(Worker::spawn(
             "virtio-rng",
             handler,
@@ -272,6 +278,10 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) -> Option<Vec<(usize, EventFd)>> {
         self.worker.take().map(Worker::stop)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 }
 

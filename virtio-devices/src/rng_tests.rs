@@ -42,7 +42,7 @@ fn serve_in(mem: &GuestMemory, handler: &mut RngHandler, descs: &[RawDescriptor]
 }
 
 fn handler(source: &RngSource) -> RngHandler {
-    RngHandler::new(Rng::new(source).unwrap().entropy)
+    RngHandler::new(Rng::new(source).unwrap().entropy, Arc::default())
 }
 
 #[test]
@@ -59,6 +59,7 @@ fn writable_buffers_are_filled_from_the_source_in_order() {
         ],
     );
     assert_eq!(len, 316);
+    assert_eq!(handler.counters.snapshot(), [("bytes", 316)]);
     let guard = mem.memory();
     let mut first = [0u8; 16];
     guard
@@ -107,6 +108,11 @@ fn a_short_source_gives_what_it_has() {
     let mut handler = handler(&source);
     assert_eq!(serve(&mut handler, &[desc(0x10_0000, 64, true, None)]), 10);
     assert_eq!(serve(&mut handler, &[desc(0x10_0000, 64, true, None)]), 0);
+    assert_eq!(
+        handler.counters.bytes.get(),
+        10,
+        "only the bytes given count"
+    );
 }
 
 #[test]
@@ -134,6 +140,7 @@ fn bad_chains_are_skipped_with_length_zero() {
     for descs in cases {
         assert_eq!(serve_in(&mem, &mut handler, &descs), 0, "{descs:?}");
     }
+    assert_eq!(handler.counters.bytes.get(), 0);
     // Nothing was written anywhere.
     let mut bytes = [0u8; 64];
     mem.memory()
@@ -193,9 +200,32 @@ fn the_device_describes_itself_and_runs_on_its_thread() {
         Reported::Interrupt(VirtioInterruptType::Queue(0))
     );
     assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 32);
+    let counters = rng.counters().unwrap();
+    assert_eq!(counters.snapshot(), [("bytes", 32)]);
     let events = rng.reset().unwrap();
     assert_eq!(events.len(), 1);
     assert!(rng.reset().is_none());
+    // The counters outlive a reset and go on counting after the next activation.
+    assert_eq!(counters.snapshot(), [("bytes", 32)]);
+    let (_, doorbell) = events.into_iter().next().unwrap();
+    let vq = MockSplitQueue::create(&*guard, GuestAddress(0), 16);
+    let again = doorbell.try_clone().unwrap();
+    rng.activate(
+        mem.clone(),
+        interrupt,
+        vec![(0, vq.create_queue().unwrap(), again)],
+    )
+    .unwrap();
+    vq.add_desc_chains(&[desc(0x10_0000, 16, true, None)], 0)
+        .unwrap();
+    doorbell.write(1).unwrap();
+    assert_eq!(
+        next_report(&rx),
+        Reported::Interrupt(VirtioInterruptType::Queue(0))
+    );
+    assert_eq!(counters.snapshot(), [("bytes", 48)]);
+    assert_eq!(rng.counters().unwrap().snapshot(), [("bytes", 48)]);
+    rng.reset().unwrap();
 }
 
 #[test]

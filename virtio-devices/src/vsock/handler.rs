@@ -111,6 +111,7 @@ fn fill_rx(
         // Lossless: a header and at most MAX_PAYLOAD bytes. The writes only fail if the memory map changed
         // under the chain, after it was checked.
         let len = if written {
+            muxer.counters().rx_bytes.add(payload.len() as u64);
             (HEADER_SIZE + payload.len()) as u32
         } else {
             0

@@ -23,6 +23,7 @@ use thiserror::Error;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::counters::{DeviceCounters, VsockCounters};
 use crate::device::{
     read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioDeviceType, VirtioInterrupt,
     COMMON_FEATURES,
@@ -94,6 +95,7 @@ pub struct Vsock {
     socket: PathBuf,
     listener: UnixListener,
     acked_features: u64,
+    counters: Arc<VsockCounters>,
     worker: Option<IoWorker>,
 }
 
@@ -132,6 +134,7 @@ impl Vsock {
             socket: socket.to_path_buf(),
             listener,
             acked_features: 0,
+            counters: Arc::default(),
             worker: None,
         })
     }
@@ -209,8 +212,13 @@ impl VirtioDevice for Vsock {
             ));
         }
         let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
-        let muxer = Muxer::new(self.guest_cid, self.socket.clone(), listener)
-            .map_err(ActivateError::Worker)?;
+        let muxer = Muxer::new(
+            self.guest_cid,
+            self.socket.clone(),
+            listener,
+            self.counters.clone(),
+        )
+        .map_err(ActivateError::Worker)?;
         let handler = VsockHandler {
             mem,
             interrupt,
@@ -225,6 +233,10 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) -> Option<Vec<(usize, EventFd)>> {
         self.worker.take().map(IoWorker::stop)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn DeviceCounters>> {
+        Some(self.counters.clone())
     }
 }
 

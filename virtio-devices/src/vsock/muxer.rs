@@ -14,6 +14,7 @@ use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use epoll::{Event, Events};
 use virtio_queue::DescriptorChain;
@@ -23,6 +24,7 @@ use super::packet::{ChainBuffers, Header, Op, HEADER_SIZE, HOST_CID, MAX_PAYLOAD
 use super::poll::HostPoll;
 use super::unix;
 use crate::chain::descriptors;
+use crate::counters::VsockCounters;
 use crate::device::GuestMemoryMmap;
 use crate::worker::ChainHandler;
 
@@ -66,10 +68,16 @@ pub(crate) struct Muxer {
     rsts: VecDeque<ConnKey>,
     /// Payload of the packet being moved.
     payload: Vec<u8>,
+    counters: Arc<VsockCounters>,
 }
 
 impl Muxer {
-    pub(crate) fn new(guest_cid: u64, socket: PathBuf, listener: UnixListener) -> io::Result<Self> {
+    pub(crate) fn new(
+        guest_cid: u64,
+        socket: PathBuf,
+        listener: UnixListener,
+        counters: Arc<VsockCounters>,
+    ) -> io::Result<Self> {
         let poll = HostPoll::new()?;
         poll.add(listener.as_raw_fd(), LISTENER_TOKEN, Events::EPOLLIN)?;
         Ok(Self {
@@ -86,7 +94,13 @@ impl Muxer {
             rx_queue: VecDeque::new(),
             rsts: VecDeque::new(),
             payload: Vec::new(),
+            counters,
         })
+    }
+
+    /// The device's counters.
+    pub(crate) fn counters(&self) -> &VsockCounters {
+        &self.counters
     }
 
     /// The host epoll set, readable when a host socket is ready.
@@ -237,6 +251,7 @@ impl Muxer {
                 self.tokens.insert(token, key);
                 self.conns
                     .insert(key, Conn::accepted(stream, token, header));
+                self.counters.connections.inc();
                 self.sync(key);
             }
             Err(err) => {
@@ -256,6 +271,7 @@ impl Muxer {
         let result = match (op, conn.state) {
             (Op::Response, State::Connecting) => {
                 conn.established(key.local_port);
+                self.counters.connections.inc();
                 conn.flush()
             }
             (Op::Response, State::Established) | (_, State::Connecting) => Err(Fault::Protocol(
@@ -266,7 +282,11 @@ impl Muxer {
                 let mut payload = std::mem::take(&mut self.payload);
                 payload.resize(len, 0);
                 let result = if chain.read_at(HEADER_SIZE, &mut payload) {
-                    conn.data(&payload)
+                    let taken = conn.data(&payload);
+                    if taken.is_ok() {
+                        self.counters.tx_bytes.add(len as u64);
+                    }
+                    taken
                 } else {
                     Err(Fault::Protocol("payload outside the chain"))
                 };

@@ -331,6 +331,9 @@ fn a_guest_connection_carries_data_both_ways_and_shuts_down() {
     assert_eq!((packet.src_port, packet.dst_port), (52, 40_000));
     assert_eq!(payload, b"world");
     assert_eq!(packet.fwd_cnt, 5, "the device reports what it forwarded");
+    let counters = rig.device.counters().unwrap();
+    let expected = [("rx_bytes", 5), ("tx_bytes", 5), ("connections", 1)];
+    assert_eq!(counters.snapshot(), expected);
 
     // The guest closes: the host sees end of file and the device completes the close with an RST.
     rig.post_rx(1);
@@ -343,10 +346,11 @@ fn a_guest_connection_carries_data_both_ways_and_shuts_down() {
     let (rst, _) = rig.expect(Op::Rst);
     assert_eq!((rst.src_port, rst.dst_port), (52, 40_000));
 
-    // The connection is gone: more data is answered with an RST.
+    // The connection is gone: more data is answered with an RST, and not counted.
     rig.post_rx(1);
     rig.send(header(Op::Rw, 40_000, 52, 1), b"x");
     rig.expect(Op::Rst);
+    assert_eq!(counters.snapshot(), expected);
 }
 
 #[test]
@@ -410,12 +414,16 @@ fn a_host_connection_gets_ok_and_carries_data_both_ways() {
     let mut pong = [0u8; 4];
     reader.read_exact(&mut pong).unwrap();
     assert_eq!(&pong, b"pong");
+    let counters = rig.device.counters().unwrap();
+    let expected = [("rx_bytes", 5), ("tx_bytes", 4), ("connections", 1)];
+    assert_eq!(counters.snapshot(), expected);
 
     // A second connection gets its own host port.
     rig.post_rx(1);
     let _second = host_connect(&rig, 5000);
     let (second, _) = rig.expect(Op::Request);
     assert_ne!(second.src_port, host_port);
+    assert_eq!(counters.snapshot(), expected, "not established yet");
 
     // The host program leaves: the guest is told nothing more comes and nothing more is taken.
     rig.post_rx(1);
