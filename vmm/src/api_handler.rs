@@ -4,7 +4,7 @@ use std::sync::mpsc::{Receiver, Sender};
 
 use serde_json::json;
 
-use crate::api::{ApiRequest, ApiResponse};
+use crate::api::{ApiRequest, ApiResponse, VmCounters};
 use crate::control::{Next, VmState, Vmm};
 use crate::vm::{BuildError, Vm};
 use crate::{Error, Outcome};
@@ -234,12 +234,26 @@ fn info(vmm: &Vmm) -> ApiResponse {
     ApiResponse::Json(body)
 }
 
+/// `vm.counters`: each virtio device's counters under its id, and the VMM's own under "vmm".
 fn counters(vmm: &Vmm) -> ApiResponse {
     let Some(vm) = &vmm.vm else {
         return wrong_state(vmm, "read counters");
     };
+    let mut counters = VmCounters::new();
+    for (id, values) in vm.devices().virtio_counters() {
+        let values = values
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value))
+            .collect();
+        counters.insert(id.to_string(), values);
+    }
     let (pio, mmio) = vm.unclaimed_accesses();
-    ApiResponse::Json(json!({
-        "vmm": {"unclaimed_port_accesses": pio, "unclaimed_mmio_accesses": mmio},
-    }))
+    let own = [
+        ("unclaimed_port_accesses".to_string(), pio),
+        ("unclaimed_mmio_accesses".to_string(), mmio),
+    ];
+    if counters.insert("vmm".to_string(), own.into()).is_some() {
+        tracing::warn!("vm.counters: a device called 'vmm' is hidden by the VMM's own counters");
+    }
+    ApiResponse::json(&counters)
 }

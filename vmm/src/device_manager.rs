@@ -570,4 +570,12 @@ impl DeviceManager {
     pub fn virtio_devices(&self) -> impl Iterator<Item = (&str, u8)> {
         self.virtio.iter().map(|(name, h)| (name.as_str(), h.slot))
     }
+
+    /// The counters of the virtio devices that keep some: (name, [(counter, value)]). Takes no device lock.
+    pub fn virtio_counters(&self) -> impl Iterator<Item = (&str, Vec<(&'static str, u64)>)> {
+        self.virtio
+            .iter()
+            .map(|(name, h)| (name.as_str(), h.counters()))
+            .filter(|(_, counters)| !counters.is_empty())
+    }
 }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use devices::LevelSource;
 use hypervisor::{IoEventAddress, Vm};
 use pci::{PciBusError, PciDevice};
-use virtio_devices::{GuestMemory, VirtioDevice, VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
+use virtio_devices::{
+    DeviceCounters, GuestMemory, VirtioDevice, VirtioPciDevice, VIRTIO_PCI_BAR_SIZE,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupts::{DeviceMsi, InterruptError, MsiRouter, PciIntx};
@@ -94,9 +96,18 @@ pub struct VirtioPciHandle {
     _msi: Arc<DeviceMsi>,
     /// The device's share of its slot's INTx line.
     intx: Arc<LevelSource>,
+    /// The device's counters, read without locking the function (its vCPU and device threads never wait on them).
+    counters: Option<Arc<dyn DeviceCounters>>,
 }
 
 impl VirtioPciHandle {
+    /// The device's counters as (name, value); empty for a device that keeps none.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.counters
+            .as_ref()
+            .map_or_else(Vec::new, |counters| counters.snapshot())
+    }
+
     /// Takes the device off the bus: unmaps its BARs, unregisters its doorbells, frees its interrupt routes and
     /// releases its INTx line (for good, even if the device thread has not let go of it yet).
     pub fn remove(self, segment: &PciSegment) -> Result<(), PciSegmentError> {
@@ -132,6 +143,8 @@ pub fn add_virtio_pci_device(
     device: Box<dyn VirtioDevice>,
 ) -> Result<VirtioPciHandle, VirtioError> {
     let queues = device.queue_max_sizes().len();
+    // Taken before the transport owns the device: reading them later needs neither the device nor its lock.
+    let counters = device.counters();
     let slot = free_slot(segment)?;
     let (gsi, intx) = intx
         .inta(slot)
@@ -184,5 +197,6 @@ pub fn add_virtio_pci_device(
         doorbells,
         _msi: msi,
         intx,
+        counters,
     })
 }
