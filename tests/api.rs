@@ -583,3 +583,102 @@ fn boot_devices_cannot_be_removed() {
     vmm.remote_ok(&["shutdown-vmm"]);
     assert_eq!(vmm.wait_exit(), 0);
 }
+
+/// `counters` output rows as (device, counter, value).
+fn counter_rows(table: &str) -> Vec<(String, String, String)> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [device, name, value] => Some((device.into(), name.into(), value.into())),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn counters_follow_the_guests_io_and_leave_with_the_device() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("api-counters");
+    let disk = dir.join("data.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let spec = format!("path={},id=data0", disk.display());
+    let mut vmm = Vmm::boot_guest(
+        "api-counters-vm",
+        "virtio-blk,virtio-rng,hotplug",
+        &["--disk", &spec, "--rng"],
+    );
+    // Every request is counted before the guest sees it complete, so by now the guest's I/O is all in.
+    let lines = vmm.lines_until("hotplug: ready");
+    for expected in ["blk: 0 write=0 read=0 verify=ok", "blk: 0 flush=0"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "{expected}: {lines:?}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("rng: bytes=64 ")),
+        "{lines:?}"
+    );
+
+    let counters = vmm.json(&["counters"]);
+    // The guest (guests/asm/virtio_blk.inc) writes its 4 KiB pattern at sector 1, reads it back, reads sector 0
+    // (512 bytes) and flushes; GET_ID is not a read.
+    let disk_counters = &counters["data0"];
+    for (name, value) in [
+        ("write_bytes", 4096),
+        ("write_ops", 1),
+        ("read_bytes", 4096 + 512),
+        ("read_ops", 2),
+        ("flush_ops", 1),
+        ("discard_ops", 0),
+        ("write_zeroes_ops", 0),
+        ("errors", 0),
+    ] {
+        assert_eq!(disk_counters[name], value, "{name}: {counters}");
+    }
+    // The guest asks for 64 random bytes (guests/asm/virtio_rng.inc).
+    assert_eq!(counters["rng0"]["bytes"], 64, "{counters}");
+    assert!(
+        counters["vmm"]["unclaimed_port_accesses"].is_u64(),
+        "{counters}"
+    );
+
+    // The human output lists the same, one counter a row.
+    let rows = counter_rows(&vmm.remote_ok(&["counters"]));
+    let row = |device: &str, name: &str, value: &str| -> (String, String, String) {
+        (device.into(), name.into(), value.into())
+    };
+    assert!(
+        rows.contains(&row("data0", "read_bytes", "4608")),
+        "{rows:?}"
+    );
+    assert!(rows.contains(&row("rng0", "bytes", "64")), "{rows:?}");
+    assert!(
+        rows.iter()
+            .any(|(device, name, _)| device == "vmm" && name == "unclaimed_mmio_accesses"),
+        "{rows:?}"
+    );
+
+    // Unplugged, the disk's entry goes with it; the others stay.
+    vmm.remote_ok(&["remove-device", "data0"]);
+    vmm.wait_line("pcihp: slot 1 ejected");
+    let mut tries = 0;
+    let counters = loop {
+        let counters = vmm.json(&["counters"]);
+        if counters.get("data0").is_none() {
+            break counters;
+        }
+        tries += 1;
+        assert!(tries < 500, "the disk's counters outlived it: {counters}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(counters["rng0"]["bytes"], 64, "{counters}");
+    assert!(counters["vmm"].is_object(), "{counters}");
+    vmm.remote_ok(&["power-button"]);
+    assert_eq!(vmm.wait_exit(), 0);
+}
