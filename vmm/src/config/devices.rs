@@ -167,6 +167,12 @@ fn parse_queue_size(pairs: &OptionPairs, option: &'static str) -> Result<u16, Co
 fn parse_id(pairs: &OptionPairs, option: &'static str) -> Result<Option<String>, ConfigError> {
     match pairs.get("id") {
         None => Ok(None),
+        Some("vmm") => Err(ConfigError::InvalidValue {
+            option,
+            key: "id",
+            value: "vmm".to_string(),
+            expected: "choose another id: 'vmm' names the VMM's own entry in vm.counters",
+        }),
         Some(id)
             if id
                 .bytes()

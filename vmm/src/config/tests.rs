@@ -521,10 +521,20 @@ fn memory_hotplug_options() {
         err(MemoryConfig::parse("size=1G,hotplug_method=dimm")),
         "--memory hotplug_method=dimm: use acpi or virtio-mem"
     );
-    assert!(err(MemoryConfig::parse(
-        "size=1G,hotplug_method=virtio-mem,hotplug_size=1G"
-    ))
-    .contains("not implemented yet"));
+    let m = MemoryConfig::parse("size=1G,hotplug_method=virtio-mem,hotplug_size=1G").unwrap();
+    assert_eq!(
+        (m.size, m.hotplug_size, m.hotplug_method),
+        (1 << 30, 1 << 30, HotplugMethod::VirtioMem)
+    );
+    assert_eq!(
+        err(MemoryConfig::parse(
+            "size=1G,hotplug_method=virtio-mem,hotplug_size=130M"
+        )),
+        "--memory hotplug_size=136314880: use a multiple of 128M (the guest adds memory in 128 MiB blocks)"
+    );
+    // JSON names the method as the command line does.
+    let json = serde_json::to_value(&m).unwrap();
+    assert_eq!(json["hotplug_method"], "virtio-mem");
 }
 
 #[test]
@@ -562,4 +572,18 @@ fn firmware_and_kernel_exclude_each_other_and_the_boot_timeout_is_positive() {
         ..VmConfig::default()
     };
     assert!(err(c.validate_against(None)).starts_with("--firmware"));
+}
+
+#[test]
+fn the_id_vmm_is_reserved_for_the_vmms_counters() {
+    for parsed in [
+        DiskConfig::parse("path=/d.img,id=vmm").map(|_| ()),
+        NetConfig::parse("tap=tap0,id=vmm").map(|_| ()),
+    ] {
+        let msg = err(parsed);
+        assert!(
+            msg.contains("'vmm' names the VMM's own entry in vm.counters"),
+            "{msg}"
+        );
+    }
 }
