@@ -378,6 +378,11 @@ impl Vcpu for KvmVcpu {
         self.fd.set_kvm_immediate_exit(u8::from(exit));
     }
 
+    fn immediate_exit_flag(&mut self) -> Option<*mut u8> {
+        // The run structure is mapped for the vCPU's whole life.
+        Some(std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit))
+    }
+
     fn inject_external_interrupt(&mut self, vector: u8) -> Result<()> {
         let irq = kvm_interrupt {
             irq: u32::from(vector),

@@ -215,6 +215,10 @@ pub trait Vcpu: Send {
     fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
     /// Whether the next `run` returns at once with `VmExit::Interrupted` (used to stop a vCPU without a race).
     fn set_immediate_exit(&mut self, exit: bool);
+    /// Where the flag `set_immediate_exit` sets lives, for a signal handler on the vCPU's own thread to set it
+    /// (a volatile write of 1): a kick that lands just before the guest is entered then still makes `run` return.
+    /// The address stays valid as long as the vCPU; `None` if the hypervisor has no such flag.
+    fn immediate_exit_flag(&mut self) -> Option<*mut u8>;
     /// Queues external interrupt `vector` for delivery at the next guest entry: the vector a user-space 8259 PIC
     /// answered the interrupt acknowledge with, delivered through the local APIC's LINT0 (ExtINT). Call it only when
     /// [`Vcpu::ready_for_interrupt_injection`] says so.

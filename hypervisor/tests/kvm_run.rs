@@ -176,6 +176,19 @@ fn external_interrupt_is_injected_when_the_guest_opens_its_interrupt_window() {
 }
 
 #[test]
+fn a_write_through_the_immediate_exit_flag_makes_run_return_interrupted() {
+    let Some(kvm) = kvm() else { return };
+    let code = [0xeb, 0xfe]; // jmp $
+    let (_vm, mut vcpu, _mem) = real_mode_guest(&kvm, &code);
+    let flag = vcpu
+        .immediate_exit_flag()
+        .expect("KVM has an immediate-exit flag");
+    // SAFETY: the flag lives in the vCPU's run mapping, alive as long as `vcpu`; no other reference to it exists.
+    unsafe { std::ptr::write_volatile(flag, 1) };
+    assert_eq!(vcpu.run(&Recorder::default()).unwrap(), VmExit::Interrupted);
+}
+
+#[test]
 fn supported_cpuid_is_not_empty_and_max_vcpus_positive() {
     let Some(kvm) = kvm() else { return };
     assert!(!kvm.supported_cpuid().unwrap().is_empty());

@@ -106,11 +106,9 @@ pub trait ExtIntSource: Send + Sync {
     fn acknowledge(&self) -> Option<u8>;
 }
 
-/// Interrupts one vCPU thread's KVM_RUN (the thread registers itself while it runs).
-///
-/// A kick that lands between the thread's last look at the interrupt controller and its entry into KVM_RUN is lost;
-/// the controller's next request kicks again (the PIT's next tick at the latest), so it delays an interrupt and never
-/// loses one.
+/// Interrupts one vCPU thread's KVM_RUN (the thread registers itself while it runs). A kick that lands between the
+/// thread's last look at the interrupt controller and its entry into KVM_RUN is not lost: the signal handler sets the
+/// vCPU's immediate-exit flag, so KVM_RUN returns at once and the thread looks again.
 #[derive(Default)]
 pub struct VcpuKicker {
     thread: Mutex<Option<libc::pthread_t>>,
@@ -144,12 +142,26 @@ fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The immediate-exit flag of the vCPU this thread runs (null on other threads).
+    static IMMEDIATE_EXIT: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick: makes this thread's vCPU leave (or not enter) KVM_RUN. The signal itself interrupts a running KVM_RUN;
+/// setting the immediate-exit flag covers a kick that lands just before the thread enters it.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(std::cell::Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the pointer was registered by this thread from its own vCPU, which outlives the registration (it
+        // is cleared before the vCPU leaves the thread); a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
 
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
             tracing::error!("cannot install the vCPU kick signal handler: {e}");
         }
     });
@@ -295,16 +307,23 @@ struct VcpuThread {
 
 impl VcpuThread {
     /// The state machine: `Running` enters the guest; `Paused` and `Stopped` wait for events.
-    fn run(self) -> Box<dyn Vcpu> {
+    fn run(mut self) -> Box<dyn Vcpu> {
+        let flag = self
+            .vcpu
+            .immediate_exit_flag()
+            .unwrap_or(std::ptr::null_mut());
+        IMMEDIATE_EXIT.with(|f| f.set(flag));
         let kicker =
             (self.id == 0 && self.ctx.extint.is_some()).then(|| self.ctx.boot_vcpu_kicker.clone());
         if let Some(k) = &kicker {
             k.register();
         }
-        let vcpu = self.run_states();
+        let mut vcpu = self.run_states();
         if let Some(k) = &kicker {
             k.unregister();
         }
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+        vcpu.set_immediate_exit(false);
         vcpu
     }
 
@@ -373,7 +392,11 @@ impl VcpuThread {
         };
         match exit {
             VmExit::Handled => ExitAction::Continue,
-            VmExit::Interrupted => ExitAction::CheckEvents,
+            VmExit::Interrupted => {
+                // A kick set the immediate-exit flag (or interrupted KVM_RUN): clear it before entering again.
+                self.vcpu.set_immediate_exit(false);
+                ExitAction::CheckEvents
+            }
             // The guest can take the PIC's interrupt now: the next pass through the loop injects it.
             VmExit::IrqWindowOpen => ExitAction::Continue,
             VmExit::IoapicEoi(vector) => {
