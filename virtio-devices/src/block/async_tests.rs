@@ -596,3 +596,81 @@ fn completions_go_back_to_the_queue_they_came_from() {
         block.reset().unwrap();
     }
 }
+
+#[test]
+fn the_device_thread_comes_back_to_chains_it_had_no_room_for() {
+    // More chains than the device's ring holds (its size is capped at 1,024): the device thread must start the
+    // rest as earlier ones finish, without a new notification.
+    const CHAINS: u16 = 1100;
+    const QUEUE: u16 = 4096;
+    const BUFFERS: u64 = 0x50_0000;
+    let image = image();
+    let disk = Arc::new(RawFile::open(image.as_path(), false).unwrap());
+    let mut block = Block::new(
+        disk,
+        &BlockOptions {
+            queue_size: QUEUE,
+            ..BlockOptions::default()
+        },
+    )
+    .unwrap();
+    block.ack_features(block.features());
+    let mem = guest_memory();
+    let guard = mem.memory();
+    let vq = MockSplitQueue::create(&*guard, GuestAddress(0x8000), QUEUE);
+    // Each request: the header, then 512 data bytes and the status byte in one device-writable buffer.
+    let mut raw = [0u8; 16];
+    raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    for i in 0..CHAINS {
+        let sector = u64::from(i) % 2048;
+        raw[8..].copy_from_slice(&sector.to_le_bytes());
+        let header = HEADERS + 16 * u64::from(i);
+        let buffer = BUFFERS + 1024 * u64::from(i);
+        guard.write_slice(&raw, GuestAddress(header)).unwrap();
+        guard.write_obj(0xeeu8, GuestAddress(buffer + 512)).unwrap();
+        vq.desc_table()
+            .store(2 * i, desc(header, 16, false, Some(2 * i + 1)))
+            .unwrap();
+        vq.desc_table()
+            .store(2 * i + 1, desc(buffer, 513, true, None))
+            .unwrap();
+        vq.avail()
+            .ring()
+            .ref_at(usize::from(i))
+            .unwrap()
+            .store((2 * i).to_le());
+    }
+    vq.avail().idx().store(CHAINS.to_le());
+    let event = EventFd::new(EFD_NONBLOCK).unwrap();
+    let doorbell = event.try_clone().unwrap();
+    let (interrupt, rx) = RecordingInterrupt::new();
+    block
+        .activate(
+            mem.clone(),
+            Arc::new(interrupt),
+            vec![(0, vq.create_queue().unwrap(), event)],
+        )
+        .unwrap();
+    doorbell.write(1).unwrap();
+    // Without EVENT_IDX every round that used chains interrupts; wait until all are used.
+    while vq.used().idx().load() != CHAINS {
+        assert_eq!(
+            next_report(&rx),
+            Reported::Interrupt(VirtioInterruptType::Queue(0))
+        );
+    }
+    let original = pattern(IMAGE_SIZE);
+    for i in 0..CHAINS {
+        let buffer = BUFFERS + 1024 * u64::from(i);
+        let at = (usize::from(i) % 2048) * 512;
+        assert_eq!(
+            guard.read_obj::<u8>(GuestAddress(buffer + 512)).unwrap(),
+            OK
+        );
+        assert!(
+            guest(&guard, buffer, 512) == original[at..at + 512],
+            "chain {i}"
+        );
+    }
+    block.reset().unwrap();
+}
