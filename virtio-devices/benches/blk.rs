@@ -14,12 +14,16 @@
 //! into the queue, publishes them, kicks the queue eventfd when the device's `avail_event` asks for it (EVENT_IDX)
 //! and sleeps on an eventfd the interrupt signals (`ATRIUM_BLK_BENCH_WAIT=spin`: spins on the used index instead,
 //! which on a machine with few idle cores starves the device thread); at depth 32 it refills a slot as soon as its
-//! request completes. VIRTIO_BLK_F_FLUSH is negotiated, so the device does
-//! not sync after every write, and the direct path does not either.
+//! request completes. The device uses io_uring (`ATRIUM_BLK_BENCH_ENGINE=sync`: its synchronous path instead).
 //!
 //! Direct path: `pread`/`pwrite` of the same sizes at the same offsets on a second descriptor of the same file; at
-//! depth 32, 32 threads taking the next operation from a shared counter (a thread pool rather than io_uring, so the
-//! direct path makes the same synchronous system calls as the device).
+//! depth 32, 32 threads taking the next operation from a shared counter (the way an application without io_uring
+//! gets 32 requests in flight).
+//!
+//! Durability is the same on both paths. By default the driver negotiates VIRTIO_BLK_F_FLUSH (a write cache): the
+//! device does not sync after every write, and the direct path does not either; writes land in the page cache.
+//! With `ATRIUM_BLK_BENCH_WRITE_CACHE=off` the driver does not negotiate it, so every device write is durable when
+//! it completes (`RWF_DSYNC`, or a sync on the synchronous path), and the direct path opens the file `O_DSYNC`.
 //!
 //! Caching: both paths use buffered I/O (the raw backend has no O_DIRECT mode). In the default `cold` mode every run
 //! starts with the image synced and evicted from the page cache with `POSIX_FADV_DONTNEED`; residency is checked
@@ -36,7 +40,7 @@ use std::error::Error;
 use std::fs::File;
 use std::io::Write;
 use std::num::Wrapping;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
@@ -52,7 +56,7 @@ use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio_devices::{
-    Block, BlockOptions, GuestMemoryMmap, RawFile, VirtioDevice, VirtioInterrupt,
+    Block, BlockOptions, GuestMemoryMmap, IoEngine, RawFile, VirtioDevice, VirtioInterrupt,
     VirtioInterruptType,
 };
 use virtio_queue::desc::split::Descriptor;
@@ -210,6 +214,25 @@ enum WaitMode {
     Event,
 }
 
+/// The device's I/O engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    /// io_uring.
+    Uring,
+    /// The synchronous path.
+    Sync,
+}
+
+/// How a run is set up.
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    cache: CacheMode,
+    wait: WaitMode,
+    engine: Engine,
+    /// The driver negotiates VIRTIO_BLK_F_FLUSH (and the direct path writes without O_DSYNC).
+    write_cache: bool,
+}
+
 /// What one path achieved in one run.
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -220,6 +243,9 @@ struct Run {
     cpu: Duration,
     /// CPU time of the device's own thread (device path only).
     device_cpu: Duration,
+    /// CPU time of the kernel's io_uring worker threads serving the device (device path only): the device hands
+    /// them the operations the kernel cannot do without blocking, such as buffered writes on ext4.
+    ring_worker_cpu: Duration,
     kicks: u64,
     interrupts: u64,
 }
@@ -231,7 +257,7 @@ impl Run {
 
     /// CPU microseconds per operation, all threads together.
     fn cpu_us_per_op(&self) -> f64 {
-        (self.cpu + self.device_cpu).as_secs_f64() * 1e6 / self.ops as f64
+        (self.cpu + self.device_cpu + self.ring_worker_cpu).as_secs_f64() * 1e6 / self.ops as f64
     }
 }
 
@@ -249,6 +275,34 @@ fn thread_cpu(schedstat: &Path) -> Result<Duration> {
 /// CPU time of the calling thread.
 fn own_cpu() -> Result<Duration> {
     thread_cpu(Path::new("/proc/thread-self/schedstat"))
+}
+
+/// CPU time so far of this process's io_uring worker threads (named `iou-wrk-<tid>`), by thread.
+fn ring_worker_cpu() -> Result<Vec<(PathBuf, Duration)>> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        let is_worker = std::fs::read_to_string(task.join("comm"))
+            .is_ok_and(|comm| comm.starts_with("iou-wrk-"));
+        // A worker that exited meanwhile has no schedstat any more.
+        if let (true, Ok(cpu)) = (is_worker, thread_cpu(&task.join("schedstat"))) {
+            found.push((task, cpu));
+        }
+    }
+    Ok(found)
+}
+
+/// CPU time the io_uring workers used since `before` (workers that exited in between are not counted).
+fn ring_worker_cpu_since(before: &[(PathBuf, Duration)]) -> Result<Duration> {
+    let mut total = Duration::ZERO;
+    for (task, cpu) in ring_worker_cpu()? {
+        let start = before
+            .iter()
+            .find(|(earlier, _)| *earlier == task)
+            .map_or(Duration::ZERO, |(_, cpu)| *cpu);
+        total += cpu.saturating_sub(start);
+    }
+    Ok(total)
 }
 
 /// The `schedstat` file of this process's thread named `name`; there must be exactly one. A new thread names itself
@@ -408,8 +462,13 @@ fn direct_op(file: &File, kind: Kind, buf: &mut [u8], offset: u64) -> Result<()>
 }
 
 /// The workload with `pread`/`pwrite`: inline at depth 1, `depth` threads otherwise.
-fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
-    let file = File::options().read(true).write(true).open(path)?;
+fn run_direct(path: &Path, w: &Workload, offsets: &[u64], config: &Config) -> Result<Run> {
+    let flags = if config.write_cache { 0 } else { libc::O_DSYNC };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(path)?;
     let template = vec![FILL; w.size as usize];
     if w.depth == 1 {
         let mut buf = template;
@@ -429,6 +488,7 @@ fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
             elapsed,
             cpu: own_cpu()? - cpu_start,
             device_cpu: Duration::ZERO,
+            ring_worker_cpu: Duration::ZERO,
             kicks: 0,
             interrupts: 0,
         });
@@ -493,6 +553,7 @@ fn run_direct(path: &Path, w: &Workload, offsets: &[u64]) -> Result<Run> {
             elapsed,
             cpu: Duration::from_nanos(cpu_nanos.load(Ordering::Relaxed)),
             device_cpu: Duration::ZERO,
+            ring_worker_cpu: Duration::ZERO,
             kicks: 0,
             interrupts: 0,
         })
@@ -688,9 +749,15 @@ fn request_queue() -> Result<Queue> {
     Ok(queue)
 }
 
-/// The features the bench's driver accepts.
-const DRIVER_FEATURES: u64 =
-    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_RING_F_EVENT_IDX);
+/// The features the bench's driver accepts; VIRTIO_BLK_F_FLUSH only with a write cache.
+fn driver_features(write_cache: bool) -> u64 {
+    let flush = if write_cache {
+        1 << VIRTIO_BLK_F_FLUSH
+    } else {
+        0
+    };
+    (1 << VIRTIO_F_VERSION_1) | flush | (1 << VIRTIO_RING_F_EVENT_IDX)
+}
 
 /// The workload through a virtio-blk device's request queue.
 fn run_device(
@@ -698,8 +765,9 @@ fn run_device(
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     w: &Workload,
     offsets: &[u64],
-    wait: WaitMode,
+    config: &Config,
 ) -> Result<Run> {
+    let wait = config.wait;
     let disk = Arc::new(RawFile::open(path, false)?);
     let mut block = Block::new(
         disk,
@@ -708,8 +776,13 @@ fn run_device(
             ..BlockOptions::default()
         },
     )?;
-    block.ack_features(DRIVER_FEATURES);
-    if block.acked_features() != DRIVER_FEATURES {
+    block.set_io_engine(match config.engine {
+        Engine::Uring => IoEngine::Auto,
+        Engine::Sync => IoEngine::Sync,
+    });
+    let features = driver_features(config.write_cache);
+    block.ack_features(features);
+    if block.acked_features() != features {
         return Err("the device does not offer VERSION_1, FLUSH and EVENT_IDX".into());
     }
     let guard = mem.memory();
@@ -741,6 +814,7 @@ fn run_device(
     };
     let device_thread = named_thread_schedstat("virtio-blk")?;
     let device_cpu_start = thread_cpu(&device_thread)?;
+    let ring_workers_start = ring_worker_cpu()?;
     let cpu_start = own_cpu()?;
     let start = Instant::now();
     let mut issued = 0usize;
@@ -823,6 +897,7 @@ fn run_device(
     let elapsed = start.elapsed();
     let cpu = own_cpu()? - cpu_start;
     let device_cpu = thread_cpu(&device_thread)? - device_cpu_start;
+    let ring_worker_cpu = ring_worker_cpu_since(&ring_workers_start)?;
     let kicks = driver.kicks;
     drop(guard);
     if block.reset().is_none() {
@@ -833,6 +908,7 @@ fn run_device(
         elapsed,
         cpu,
         device_cpu,
+        ring_worker_cpu,
         kicks,
         interrupts: interrupt.count.load(Ordering::Relaxed),
     })
@@ -911,6 +987,14 @@ fn report(w: &Workload, direct: &[Run], device: &[Run]) -> Value {
         "device_thread_cpu_us_per_op".into(),
         json!(round(median(&device_thread), 2)),
     );
+    let ring_workers: Vec<f64> = device
+        .iter()
+        .map(|run| run.ring_worker_cpu.as_secs_f64() * 1e6 / run.ops as f64)
+        .collect();
+    entry.insert(
+        "device_ring_workers_cpu_us_per_op".into(),
+        json!(round(median(&ring_workers), 2)),
+    );
     let ops: usize = device.iter().map(|run| run.ops).sum();
     let per_op = |count: u64| round(count as f64 / ops as f64, 3);
     entry.insert(
@@ -943,6 +1027,32 @@ fn main() -> Result<()> {
             )
         }
     };
+    let engine = match std::env::var("ATRIUM_BLK_BENCH_ENGINE").as_deref() {
+        Ok("uring") | Err(_) => Engine::Uring,
+        Ok("sync") => Engine::Sync,
+        Ok(other) => {
+            return Err(format!(
+                "ATRIUM_BLK_BENCH_ENGINE={other} is not an engine; use uring or sync"
+            )
+            .into())
+        }
+    };
+    let write_cache = match std::env::var("ATRIUM_BLK_BENCH_WRITE_CACHE").as_deref() {
+        Ok("on") | Err(_) => true,
+        Ok("off") => false,
+        Ok(other) => {
+            return Err(format!(
+                "ATRIUM_BLK_BENCH_WRITE_CACHE={other} is not a setting; use on or off"
+            )
+            .into())
+        }
+    };
+    let config = Config {
+        cache,
+        wait,
+        engine,
+        write_cache,
+    };
     let only = std::env::var("ATRIUM_BLK_BENCH_ONLY").unwrap_or_default();
     let load_before = load_average();
     let scratch = ScratchDir::new()?;
@@ -966,11 +1076,11 @@ fn main() -> Result<()> {
         for round in 0..ROUNDS {
             // Alternate which path goes first, so neither always inherits the other's effects on the host.
             for device_turn in [round % 2 == 1, round % 2 == 0] {
-                max_resident = max_resident.max(prepare(&image, cache)?);
+                max_resident = max_resident.max(prepare(&image, config.cache)?);
                 if device_turn {
-                    device.push(run_device(&image, &mem, w, &offsets, wait)?);
+                    device.push(run_device(&image, &mem, w, &offsets, &config)?);
                 } else {
-                    direct.push(run_direct(&image, w, &offsets)?);
+                    direct.push(run_direct(&image, w, &offsets, &config)?);
                 }
             }
         }
@@ -989,6 +1099,21 @@ fn main() -> Result<()> {
         WaitMode::Spin => "driver thread spins on the used index; the interrupt only counts",
         WaitMode::Event => "driver thread sleeps on an eventfd the interrupt signals",
     };
+    let engine_note = match engine {
+        Engine::Uring => "io_uring (falls back to synchronous I/O if the kernel refuses it)",
+        Engine::Sync => "synchronous, one request at a time",
+    };
+    let (driver_features, durability) = if write_cache {
+        (
+            json!(["VERSION_1", "BLK_F_FLUSH", "RING_F_EVENT_IDX"]),
+            "write cache on both paths: no sync per write",
+        )
+    } else {
+        (
+            json!(["VERSION_1", "RING_F_EVENT_IDX"]),
+            "durable writes on both paths: device write-through, direct path O_DSYNC",
+        )
+    };
     let out = json!({
         "settings": {
             "image_bytes": FILE_SIZE,
@@ -997,12 +1122,14 @@ fn main() -> Result<()> {
             "max_resident_pages_after_evict": max_resident,
             "guest_memory_bytes": MEM_SIZE,
             "queue_size": QUEUE_SIZE,
-            "driver_features": ["VERSION_1", "BLK_F_FLUSH", "RING_F_EVENT_IDX"],
+            "driver_features": driver_features,
+            "durability": durability,
+            "device_engine": engine_note,
             "device_wait": wait_note,
-            "direct_qd32": "32 threads doing pread/pwrite (no io_uring)",
+            "direct_qd32": "32 threads doing pread/pwrite",
             "phase_ms": PHASE.as_millis(),
             "rounds": ROUNDS,
-            "reported": "median over rounds; ratio = device / direct; cpu_us_per_op = CPU time of every thread involved (device path: driver and device threads) per operation, from /proc schedstat",
+            "reported": "median over rounds; ratio = device / direct; cpu_us_per_op = CPU time of every thread involved (device path: driver, device and io_uring worker threads) per operation, from /proc schedstat",
             "load_average_before": load_before,
             "load_average_after": load_average(),
             "image_create_s": round(create_s, 2),
