@@ -26,6 +26,9 @@
 //!   `memhp: ...`, and ACPI power-off for the power button; `hotplug-max=<n>` ends it after n interrupts. `tick`
 //!   (or `tick=<ms>`) prints `tick: <n>` every 50 ms (or <ms>) until the VM stops, to show whether guest time
 //!   runs. The grammars are at the top of `guests/asm/hotplug*.inc` and `tick.inc`.
+//! - `virtio-mem` (or `virtio-mem=<changes>`) drives a virtio-mem device: it plugs or unplugs blocks whenever the
+//!   requested size changes, checks that fresh blocks read zero and keep a pattern, and prints `virtio-mem: plugged=<N>
+//!   MiB requested=<N> MiB ok` after each change (grammar at the top of `guests/asm/virtio_mem.inc`).
 //!
 //! [`BootDisk`] is different: raw disk images for firmware boot, whose 16-bit boot sector prints
 //! `atrium-boot: ...` lines through the BIOS, reads its second sector through INT 13h and powers off through

@@ -498,6 +498,43 @@ fn vsock_actions_without_a_device_say_so_and_check_the_port() {
     );
 }
 
+#[test]
+fn virtio_mem_plugs_what_qemus_device_requests() {
+    if !qemu_available() {
+        return;
+    }
+    // A later -m replaces the first; maxmem leaves room for the 512 MiB device region above RAM.
+    let run = run(
+        "q35",
+        "action=virtio-mem,virtio-mem=0,debug-exit=0",
+        &[
+            "-m",
+            "256,maxmem=1G",
+            "-object",
+            "memory-backend-ram,id=vmem0,size=512M",
+            "-device",
+            "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=128M,block-size=2M",
+        ],
+    );
+    assert_eq!(run.code, Some(DEBUG_EXIT_0), "{}", run.serial);
+    let ready = run.line("virtio-mem: region=0x");
+    assert!(
+        ready.ends_with(" size=0x20000000 block=0x200000 requested=128 MiB"),
+        "{}",
+        run.serial
+    );
+    assert!(
+        run.has("virtio-mem: plugged=128 MiB requested=128 MiB ok"),
+        "{}",
+        run.serial
+    );
+    assert!(
+        run.has("virtio-mem: bad count (want 1..1000)"),
+        "{}",
+        run.serial
+    );
+}
+
 /// The vhost-user vsock backend, if installed.
 fn vhost_device_vsock() -> Option<PathBuf> {
     let program = std::env::var_os("VHOST_DEVICE_VSOCK")
