@@ -535,6 +535,83 @@ fn resize_memory_adds_an_acpi_memory_device_the_guest_uses() {
 }
 
 #[test]
+fn resize_memory_with_virtio_mem_grows_and_shrinks_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vmm = Vmm::boot_guest(
+        "api-virtio-mem",
+        "virtio-mem=3,hotplug",
+        &[
+            "--memory",
+            "size=256M,hotplug_method=virtio-mem,hotplug_size=512M",
+        ],
+    );
+    let ready = vmm.wait_line("virtio-mem: region=");
+    assert!(
+        ready.ends_with(" size=0x20000000 block=0x200000 requested=0 MiB"),
+        "{ready}"
+    );
+    let info = vmm.json(&["info"]);
+    assert_eq!(info["memory_actual_size"], 256u64 << 20);
+    assert!(
+        info["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["id"] == "mem0"),
+        "{info}"
+    );
+    // Grow by 256 MiB: the guest plugs 128 blocks and writes into them.
+    vmm.remote_ok(&["resize", "--memory", "512M"]);
+    let lines = vmm.lines_until("virtio-mem: plugged=");
+    assert_eq!(
+        lines.last().unwrap(),
+        "virtio-mem: plugged=256 MiB requested=256 MiB ok"
+    );
+    assert_eq!(vmm.json(&["info"])["memory_actual_size"], 512u64 << 20);
+    // Shrink by 128 MiB: the guest unplugs the last 64 blocks (which kept their data until then).
+    vmm.remote_ok(&["resize", "--memory", "384M"]);
+    let lines = vmm.lines_until("virtio-mem: plugged=");
+    assert_eq!(
+        lines.last().unwrap(),
+        "virtio-mem: plugged=128 MiB requested=128 MiB ok"
+    );
+    assert_eq!(vmm.json(&["info"])["memory_actual_size"], 384u64 << 20);
+    // Grow to the whole region: the blocks given back read as zeroes when plugged again ("ok").
+    vmm.remote_ok(&["resize", "--memory", "768M"]);
+    let lines = vmm.lines_until("virtio-mem: plugged=");
+    assert_eq!(
+        lines.last().unwrap(),
+        "virtio-mem: plugged=512 MiB requested=512 MiB ok"
+    );
+    assert_eq!(vmm.json(&["info"])["memory_actual_size"], 768u64 << 20);
+    // Beyond the region, not whole 2 MiB blocks, below the boot memory: refused, and nothing changes.
+    for (bad, why) in [
+        ("1G", "raise hotplug_size"),
+        ("301M", "block size"),
+        ("128M", "below the boot memory"),
+    ] {
+        let out = vmm.remote(&["resize", "--memory", bad]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("HTTP 400") && stderr.contains(why),
+            "{bad}: {out:?}"
+        );
+    }
+    // The device is not hot-removable: memory shrinks through resize.
+    let out = vmm.remote(&["remove-device", "mem0"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTP 409"),
+        "{out:?}"
+    );
+    assert_eq!(vmm.json(&["info"])["memory_actual_size"], 768u64 << 20);
+    vmm.wait_line("hotplug: ready");
+    vmm.remote_ok(&["power-button"]);
+    assert_eq!(vmm.wait_exit(), 0);
+}
+
+#[test]
 fn add_vsock_then_remove_it() {
     if !kvm_available() {
         return;

@@ -54,7 +54,7 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> (ApiResponse, Option<Next>) {
         ApiRequest::VmmPing => ApiResponse::Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
-            "features": ["pci", "virtio-blk", "virtio-net", "virtio-rng", "virtio-console", "virtio-vsock", "qcow2", "acpi-hotplug"],
+            "features": ["pci", "virtio-blk", "virtio-net", "virtio-rng", "virtio-console", "virtio-vsock", "qcow2", "acpi-hotplug", "virtio-mem"],
         })),
         ApiRequest::VmmShutdown => {
             return (
@@ -145,6 +145,13 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> (ApiResponse, Option<Next>) {
             hot_add(vmm, "add a vsock device", |vm| vm.hotplug_vsock(&vsock))
         }
         ApiRequest::VmRemoveDevice(remove) => match (&mut vmm.vm, vmm.state) {
+            (Some(vm), VmState::Running) if vm.is_virtio_mem(&remove.id) => error(
+                409,
+                format!(
+                    "'{}' is the virtio-mem device; shrink the memory with vm.resize instead of removing it",
+                    remove.id
+                ),
+            ),
             (Some(vm), VmState::Running) => match vm.devices_mut().request_unplug(&remove.id) {
                 Ok(true) => ApiResponse::Done,
                 Ok(false) => error(

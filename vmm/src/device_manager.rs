@@ -566,6 +566,20 @@ impl DeviceManager {
         Ok(true)
     }
 
+    /// Tells the driver of the virtio device called `name` that its configuration changed (the generation moves on
+    /// and the configuration interrupt fires). Returns false if there is no such device.
+    pub fn virtio_config_changed(&self, name: &str) -> bool {
+        let Some((_, handle)) = self.virtio.iter().find(|(n, _)| n == name) else {
+            return false;
+        };
+        handle
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config_changed();
+        true
+    }
+
     /// The virtio devices: (name, PCI slot).
     pub fn virtio_devices(&self) -> impl Iterator<Item = (&str, u8)> {
         self.virtio.iter().map(|(name, h)| (name.as_str(), h.slot))

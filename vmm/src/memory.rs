@@ -1,4 +1,9 @@
 //! Guest RAM: anonymous mappings laid out by `arch`, registered with the hypervisor as memory slots.
+//!
+//! A virtio-mem region is one more anonymous mapping (reserved, not committed: `MAP_NORESERVE`) in one slot. It is in
+//! the memory map devices use for DMA, so they reach plugged blocks; nothing stops DMA into unplugged blocks, which
+//! only costs host memory the region could hold anyway. It is not counted in [`MemoryManager::ram_size`]: the guest
+//! owns only what its driver plugged.
 
 use std::sync::Arc;
 
@@ -42,6 +47,16 @@ pub enum MemoryError {
     },
     #[error("cannot register guest memory with KVM: {0}")]
     Register(#[source] hypervisor::HypervisorError),
+    /// The virtio-mem region cannot be reserved.
+    #[error("cannot reserve the {size:#x}-byte virtio-mem region at {base:#x}: {reason}; lower --memory hotplug_size=")]
+    VirtioMem {
+        /// Base address.
+        base: u64,
+        /// Size.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Owns the guest's RAM mappings for the lifetime of a VM.
@@ -50,6 +65,8 @@ pub struct MemoryManager {
     next_slot: u32,
     /// Read-only mappings (firmware), not part of guest RAM: devices cannot DMA into them.
     roms: Vec<GuestRegionMmap>,
+    /// The virtio-mem region's base address, if there is one (it is in `guest_memory`, but not RAM yet).
+    virtio_mem_base: Option<u64>,
 }
 
 impl MemoryManager {
@@ -65,6 +82,7 @@ impl MemoryManager {
             guest_memory,
             next_slot: 0,
             roms: Vec::new(),
+            virtio_mem_base: None,
         };
         let regions: Vec<(u64, u64, u64)> = manager
             .guest_memory
@@ -169,8 +187,96 @@ impl MemoryManager {
         &self.guest_memory
     }
 
-    /// Total RAM in bytes.
+    /// Total RAM in bytes: boot RAM and ACPI-added memory, not the virtio-mem region.
     pub fn ram_size(&self) -> u64 {
-        self.guest_memory.iter().map(|r| r.len()).sum()
+        self.guest_memory
+            .iter()
+            .filter(|r| Some(r.start_addr().0) != self.virtio_mem_base)
+            .map(|r| r.len())
+            .sum()
+    }
+
+    /// Reserves the virtio-mem region `base..base + size` (anonymous, `MAP_NORESERVE`), registers it with `vm` as one
+    /// slot and adds it to the guest memory map. Returns how the device gives unplugged blocks back to the host.
+    pub fn add_virtio_mem_region(
+        &mut self,
+        vm: &Arc<dyn Vm>,
+        base: u64,
+        size: u64,
+    ) -> Result<Arc<dyn virtio_devices::MemoryDiscard>, MemoryError> {
+        let bad = |reason: String| MemoryError::VirtioMem { base, size, reason };
+        if self.virtio_mem_base.is_some() {
+            return Err(bad("the VM has a virtio-mem region already".to_string()));
+        }
+        let len = usize::try_from(size).map_err(|e| bad(e.to_string()))?;
+        // vm-memory maps anonymous regions MAP_PRIVATE | MAP_NORESERVE: nothing is committed until the guest touches it.
+        let region = Arc::new(
+            GuestRegionMmap::from_range(GuestAddress(base), len, None)
+                .map_err(|e| bad(e.to_string()))?,
+        );
+        let host_addr = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| bad(e.to_string()))?;
+        let memory = self
+            .guest_memory
+            .insert_region(region.clone())
+            .map_err(|e| bad(e.to_string()))?;
+        let mapping = MemoryRegion {
+            slot: self.next_slot,
+            guest_addr: base,
+            size,
+            host_addr: host_addr as u64,
+            readonly: false,
+        };
+        // SAFETY: the mapping belongs to `region`, which goes into `guest_memory` below (and into the discard handle)
+        // and so lives as long as the VM.
+        unsafe { vm.set_memory_region(mapping) }.map_err(MemoryError::Register)?;
+        self.next_slot += 1;
+        self.guest_memory = memory;
+        self.virtio_mem_base = Some(base);
+        Ok(Arc::new(AnonymousDiscard { region }))
+    }
+}
+
+/// Releases blocks of an anonymous private mapping with `madvise(MADV_DONTNEED)`: the host frees the pages, KVM
+/// drops its mappings of them, and the next guest access finds zeroes.
+struct AnonymousDiscard {
+    region: Arc<GuestRegionMmap>,
+}
+
+impl virtio_devices::MemoryDiscard for AnonymousDiscard {
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let invalid = |what: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("discard {offset:#x}+{len:#x}: {what}"),
+            )
+        };
+        let page = 4096;
+        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) {
+            return Err(invalid("not whole pages"));
+        }
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.region.len())
+        {
+            return Err(invalid("outside the region"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let start = self
+            .region
+            .get_host_address(MemoryRegionAddress(offset))
+            .map_err(|e| invalid(&e.to_string()))?;
+        let len = usize::try_from(len).map_err(|e| invalid(&e.to_string()))?;
+        // SAFETY: `start..start + len` lies inside the region's mapping (checked above), which `self.region` keeps
+        // mapped; MADV_DONTNEED on a private anonymous mapping only replaces its pages with zero-fill-on-demand ones,
+        // which is what an unplugged block is. No Rust reference points into guest memory.
+        let ret = unsafe { libc::madvise(start.cast(), len, libc::MADV_DONTNEED) };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }

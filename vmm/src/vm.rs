@@ -6,7 +6,9 @@ use std::sync::Arc;
 use arch::BootSetup;
 use hypervisor::{Hypervisor, Vcpu};
 
-use crate::config::{DiskImageFormat, TripleFaultAction, VmConfig, DEFAULT_BOOT_TIMEOUT};
+use crate::config::{
+    DiskImageFormat, HotplugMethod, TripleFaultAction, VmConfig, DEFAULT_BOOT_TIMEOUT,
+};
 use crate::console::Console;
 use crate::cpu::{self, BootEntry, CpuError, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup, IOAPIC_PINS};
@@ -74,6 +76,8 @@ pub struct Vm {
     console_input: Option<virtio_devices::ConsoleInput>,
     /// Hot-pluggable memory: where the area starts, how large it may grow, and what was added (slot, base, size).
     memory_hotplug: (u64, u64, Vec<(u32, u64, u64)>),
+    /// The virtio-mem device (`hotplug_method=virtio-mem`): its name and the handle on its requested size.
+    virtio_mem: Option<(String, virtio_devices::VirtioMemHandle)>,
     memory_slots: u32,
     /// Firmware boots: whether the firmware said it found nothing to boot.
     boot_watch: Option<firmware::BootWatch>,
@@ -118,10 +122,23 @@ impl Vm {
             Some(_) => None,
             None => Some(payload::load(mem, &config.payload, guests::DEMO)?),
         };
+        // The virtio-mem region, after the payload (which belongs in boot RAM); the device comes with the others.
+        let virtio_mem_region = match config.memory.hotplug_method {
+            HotplugMethod::VirtioMem if config.memory.hotplug_size > 0 => {
+                let base = memory_hotplug_base(memory.ram_size());
+                let size = config.memory.hotplug_size;
+                let discard = memory.add_virtio_mem_region(&vm, base, size)?;
+                Some((base, size, discard))
+            }
+            _ => None,
+        };
+        let mem = memory.guest_memory();
 
         // 4. Devices.
         let ram = memory.ram_size();
-        let memory_slots = if config.memory.hotplug_size > 0 {
+        let memory_slots = if config.memory.hotplug_size > 0
+            && config.memory.hotplug_method == HotplugMethod::Acpi
+        {
             MEMORY_HOTPLUG_SLOTS
         } else {
             0
@@ -186,6 +203,16 @@ impl Vm {
                 .map_err(|e| BuildError::Rng(format!("--rng src={}: {e}", rng.src.display())))?;
             devices.add_virtio("rng0".to_string(), &guest_mem, Box::new(device))?;
         }
+        let virtio_mem = match virtio_mem_region {
+            Some((addr, region_size, discard)) => Some(add_virtio_mem(
+                &mut devices,
+                &guest_mem,
+                addr,
+                region_size,
+                discard,
+            )?),
+            None => None,
+        };
 
         // The firmware debug console, and (firmware boots) the watch for "nothing to boot".
         let mut boot_watch = None;
@@ -245,7 +272,7 @@ impl Vm {
                 events,
                 None,
             )
-            .map(|vm| vm.with_boot_watch(boot_watch));
+            .map(|vm| vm.with_boot_watch(boot_watch).with_virtio_mem(virtio_mem));
         };
         match arch::mptable::setup_mptable(mem, boot_cpus) {
             Ok(()) => {}
@@ -289,6 +316,7 @@ impl Vm {
             events,
             Some(boot),
         )
+        .map(|vm| vm.with_virtio_mem(virtio_mem))
     }
 
     /// The recipe's last step, shared by kernel and firmware boots: the vCPUs (the boot vCPU at the kernel's entry,
@@ -350,6 +378,7 @@ impl Vm {
                 Vec::new(),
             ),
             memory_slots,
+            virtio_mem: None,
             boot_watch: None,
             base_cpuid,
             max_vcpus: max_cpus,
@@ -362,6 +391,14 @@ impl Vm {
 
     fn with_boot_watch(mut self, watch: Option<firmware::BootWatch>) -> Self {
         self.boot_watch = watch;
+        self
+    }
+
+    fn with_virtio_mem(
+        mut self,
+        virtio_mem: Option<(String, virtio_devices::VirtioMemHandle)>,
+    ) -> Self {
+        self.virtio_mem = virtio_mem;
         self
     }
 
@@ -441,8 +478,25 @@ impl Vm {
         Ok((name, slot))
     }
 
-    /// Grows guest RAM to `desired` bytes by adding one ACPI memory device (shrinking is not supported yet).
+    /// Grows guest RAM to `desired` bytes: by adding one ACPI memory device (which cannot shrink again), or with
+    /// virtio-mem by asking the driver to plug or unplug blocks until boot RAM plus plugged memory is `desired`.
     pub fn resize_memory(&mut self, desired: u64) -> Result<(), String> {
+        if let Some((name, handle)) = &self.virtio_mem {
+            let boot = self.memory.ram_size();
+            let Some(requested) = desired.checked_sub(boot) else {
+                return Err(format!(
+                    "desired_ram={desired} is below the boot memory ({boot} bytes), which virtio-mem cannot remove"
+                ));
+            };
+            handle
+                .set_requested_size(requested)
+                .map_err(|e| format!("desired_ram={desired}: {e}"))?;
+            // The driver learns of it from the configuration-change interrupt, and answers with requests.
+            if !self.devices.virtio_config_changed(name) {
+                return Err(format!("the virtio-mem device '{name}' is gone"));
+            }
+            return Ok(());
+        }
         let current = self.memory.ram_size();
         if desired == current {
             return Ok(());
@@ -566,9 +620,18 @@ impl Vm {
         self.vcpu_threads.len() + self.pending_vcpus.len()
     }
 
-    /// Guest RAM in bytes.
+    /// Guest RAM in bytes: boot RAM, ACPI-added memory and the memory the virtio-mem driver has plugged.
     pub fn ram_size(&self) -> u64 {
-        self.memory.ram_size()
+        let plugged = self
+            .virtio_mem
+            .as_ref()
+            .map_or(0, |(_, handle)| handle.plugged_size());
+        self.memory.ram_size() + plugged
+    }
+
+    /// Whether `name` is the virtio-mem device (which is never hot-removed: memory shrinks through `vm.resize`).
+    pub fn is_virtio_mem(&self, name: &str) -> bool {
+        self.virtio_mem.as_ref().is_some_and(|(n, _)| n == name)
     }
 
     /// The devices.
@@ -658,6 +721,36 @@ pub fn claim_net_fds(config: &VmConfig) -> Result<NetFds, BuildError> {
 
 /// ACPI memory hotplug slots when `hotplug_size` is set.
 const MEMORY_HOTPLUG_SLOTS: u32 = 8;
+
+/// Puts the virtio-mem device for the region at `addr` on the PCI bus, under the first free `mem<n>` name.
+fn add_virtio_mem(
+    devices: &mut DeviceManager,
+    guest_mem: &virtio_devices::GuestMemory,
+    addr: u64,
+    region_size: u64,
+    discard: Arc<dyn virtio_devices::MemoryDiscard>,
+) -> Result<(String, virtio_devices::VirtioMemHandle), BuildError> {
+    let geometry = virtio_devices::VirtioMemGeometry {
+        addr,
+        region_size,
+        block_size: virtio_devices::VIRTIO_MEM_BLOCK_SIZE,
+        node_id: 0,
+    };
+    let device = virtio_devices::VirtioMem::new(geometry, discard).map_err(|e| {
+        BuildError::Memory(MemoryError::VirtioMem {
+            base: addr,
+            size: region_size,
+            reason: e.to_string(),
+        })
+    })?;
+    let handle = device.handle();
+    let name = (0..)
+        .map(|i| format!("mem{i}"))
+        .find(|n| !devices.virtio_devices().any(|(d, _)| d == n))
+        .unwrap_or_default();
+    devices.add_virtio(name.clone(), guest_mem, Box::new(device))?;
+    Ok((name, handle))
+}
 
 /// Hot-added memory goes above the PCI 64-bit window, so neither has to move when the other grows.
 fn memory_hotplug_base(ram: u64) -> u64 {

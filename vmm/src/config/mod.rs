@@ -460,7 +460,7 @@ pub struct MemoryConfig {
     /// How much memory can be hot-added (bytes; 0: none).
     #[serde(default)]
     pub hotplug_size: u64,
-    /// How memory is hot-added.
+    /// How memory is hot-added (and, with virtio-mem, removed again).
     #[serde(default)]
     pub hotplug_method: HotplugMethod,
 }
@@ -472,7 +472,8 @@ pub enum HotplugMethod {
     /// ACPI memory devices announced through the GED.
     #[default]
     Acpi,
-    /// A virtio-mem device.
+    /// A virtio-mem device managing a region of `hotplug_size` bytes, which the guest plugs and unplugs in 2 MiB
+    /// blocks.
     VirtioMem,
 }
 
@@ -487,8 +488,9 @@ impl Default for MemoryConfig {
 }
 
 impl MemoryConfig {
-    /// Parses `size=SIZE` (`--memory`). SIZE is decimal bytes or a number with a binary suffix `K`, `M`, `G`, `T`
-    /// (any case, optionally followed by `iB`). Without `size` the default (512 MiB) stays.
+    /// Parses `size=SIZE[,hotplug_size=SIZE][,hotplug_method=acpi|virtio-mem]` (`--memory`). SIZE is decimal bytes
+    /// or a number with a binary suffix `K`, `M`, `G`, `T` (any case, optionally followed by `iB`). Without `size`
+    /// the default (512 MiB) stays.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let pairs = OptionPairs::parse(MEMORY_OPTION, s, MEMORY_KEYS)?;
         let size = match pairs.get("size") {
@@ -520,7 +522,8 @@ impl MemoryConfig {
         Ok(memory)
     }
 
-    /// At least [`MIN_MEMORY_SIZE`], in whole pages; hot-pluggable memory in 128 MiB blocks, ACPI only for now.
+    /// At least [`MIN_MEMORY_SIZE`], in whole pages; hot-pluggable memory in 128 MiB blocks (Linux's memory block
+    /// size, which both ACPI memory devices and a virtio-mem region are aligned to).
     fn validate(&self) -> Result<(), ConfigError> {
         if !self.hotplug_size.is_multiple_of(MEMORY_HOTPLUG_ALIGNMENT) {
             return Err(ConfigError::InvalidValue {
@@ -528,14 +531,6 @@ impl MemoryConfig {
                 key: "hotplug_size",
                 value: self.hotplug_size.to_string(),
                 expected: "use a multiple of 128M (the guest adds memory in 128 MiB blocks)",
-            });
-        }
-        if self.hotplug_size > 0 && self.hotplug_method == HotplugMethod::VirtioMem {
-            return Err(ConfigError::InvalidValue {
-                option: MEMORY_OPTION,
-                key: "hotplug_method",
-                value: "virtio-mem".to_string(),
-                expected: "virtio-mem is not implemented yet; use hotplug_method=acpi",
             });
         }
         if self.size < MIN_MEMORY_SIZE {
