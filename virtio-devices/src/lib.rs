@@ -9,6 +9,8 @@
 //!   ISR and device configuration structures and MSI-X in BAR 0 (layout in its documentation).
 //! - [`Rng`] is virtio-rng; [`Block`] is virtio-blk over a [`DiskBackend`] ([`RawFile`] or [`Qcow2File`], opened
 //!   with [`open_disk`]). [`Request::parse`] is the block request parser on its own, for fuzzing.
+//! - [`VirtioMem`] is virtio-mem: a region of guest memory plugged and unplugged in blocks, resized through its
+//!   [`VirtioMemHandle`]; [`MemRequest::parse`] and [`BlockMap`] are its request parser and rules, for fuzzing.
 //!
 //! Guest input is never trusted: descriptor chains are walked with virtio-queue's bounded iterator and every guest
 //! buffer is accessed through vm-memory's checked accessors. A malformed request gets an error status (or a used
@@ -54,10 +56,11 @@ pub use device::{
     VirtioInterrupt, VirtioInterruptType, COMMON_FEATURES,
 };
 pub use mem::{
-    BlockRange, BlockState, MemRequest, MemRequestError, MemRequestErrorKind, MemResponse,
-    MemoryDiscard, ParsedRequest, VirtioMem, VirtioMemError, VirtioMemGeometry, VirtioMemHandle,
-    VirtioMemState, VIRTIO_MEM_BLOCK_SIZE, VIRTIO_MEM_MAX_BLOCKS, VIRTIO_MEM_QUEUE_SIZE,
-    VIRTIO_MEM_REQUEST_SIZE, VIRTIO_MEM_RESPONSE_SIZE,
+    BlockMap, BlockRange, BlockState, MemRequest, MemRequestError, MemRequestErrorKind,
+    MemResponse, MemoryDiscard, ParsedRequest, VirtioMem, VirtioMemError, VirtioMemGeometry,
+    VirtioMemHandle, VirtioMemState, VIRTIO_MEM_BLOCK_SIZE, VIRTIO_MEM_CONFIG_SIZE,
+    VIRTIO_MEM_MAX_BLOCKS, VIRTIO_MEM_QUEUE_SIZE, VIRTIO_MEM_REQUEST_SIZE,
+    VIRTIO_MEM_RESPONSE_SIZE,
 };
 pub use net::{Net, NetError, NetOptions, MAX_FRAME_LEN, NET_DEFAULT_QUEUE_SIZE};
 pub use rng::{Rng, RngError, RngSource, MAX_BYTES_PER_REQUEST, RNG_QUEUE_SIZE};

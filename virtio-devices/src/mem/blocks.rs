@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::request::{BlockRange, BlockState, MemRequest, MemResponse};
 use super::VirtioMemError;
 
-/// Size of the device configuration space.
-pub(crate) const CONFIG_SIZE: usize = 56;
+/// Size of the virtio-mem configuration space.
+pub const VIRTIO_MEM_CONFIG_SIZE: usize = 56;
 /// The most blocks a region may have (a 2 MiB bitmap; 32 TiB with 2 MiB blocks).
 pub const VIRTIO_MEM_MAX_BLOCKS: u64 = 1 << 24;
 /// The smallest block size (a page).
@@ -89,9 +89,10 @@ pub struct VirtioMemState {
     pub plugged: Vec<u64>,
 }
 
-/// The region, the sizes and the bitmap.
+/// The region, the sizes and the plugged-block bitmap: the rules that answer every request, on their own (the device
+/// serves its queue with them; fuzzing drives them directly).
 #[derive(Debug)]
-pub(crate) struct Blocks {
+pub struct BlockMap {
     geometry: VirtioMemGeometry,
     blocks: u64,
     usable_region_size: u64,
@@ -100,9 +101,9 @@ pub(crate) struct Blocks {
     plugged_blocks: u64,
 }
 
-impl Blocks {
+impl BlockMap {
     /// A region with nothing plugged and nothing requested.
-    pub(crate) fn new(geometry: VirtioMemGeometry) -> Result<Self, VirtioMemError> {
+    pub fn new(geometry: VirtioMemGeometry) -> Result<Self, VirtioMemError> {
         let blocks = geometry.blocks()?;
         Ok(Self {
             geometry,
@@ -114,8 +115,8 @@ impl Blocks {
         })
     }
 
-    /// The state saved by [`Blocks::state`], checked.
-    pub(crate) fn restore(state: &VirtioMemState) -> Result<Self, VirtioMemError> {
+    /// The state saved by [`BlockMap::state`], checked.
+    pub fn restore(state: &VirtioMemState) -> Result<Self, VirtioMemError> {
         let mut blocks = Self::new(state.geometry)?;
         if state.plugged.len() != blocks.plugged.len() {
             return Err(VirtioMemError::BadState(
@@ -138,7 +139,8 @@ impl Blocks {
         Ok(blocks)
     }
 
-    pub(crate) fn state(&self) -> VirtioMemState {
+    /// The state to save.
+    pub fn state(&self) -> VirtioMemState {
         VirtioMemState {
             geometry: self.geometry,
             requested_size: self.requested_size,
@@ -146,21 +148,24 @@ impl Blocks {
         }
     }
 
-    pub(crate) fn geometry(&self) -> VirtioMemGeometry {
+    /// The region.
+    pub fn geometry(&self) -> VirtioMemGeometry {
         self.geometry
     }
 
-    pub(crate) fn plugged_size(&self) -> u64 {
+    /// Bytes plugged.
+    pub fn plugged_size(&self) -> u64 {
         // Lossless: at most the region size.
         self.plugged_blocks * self.geometry.block_size
     }
 
-    pub(crate) fn requested_size(&self) -> u64 {
+    /// The size the driver is asked to reach.
+    pub fn requested_size(&self) -> u64 {
         self.requested_size
     }
 
     /// Sets the size the driver should reach: a multiple of the block size, at most the region.
-    pub(crate) fn set_requested_size(&mut self, bytes: u64) -> Result<(), VirtioMemError> {
+    pub fn set_requested_size(&mut self, bytes: u64) -> Result<(), VirtioMemError> {
         if !bytes.is_multiple_of(self.geometry.block_size) {
             return Err(VirtioMemError::UnalignedSize {
                 size: bytes,
@@ -178,8 +183,8 @@ impl Blocks {
     }
 
     /// The configuration space (virtio 1.2 §5.15.4), little-endian.
-    pub(crate) fn config(&self) -> [u8; CONFIG_SIZE] {
-        let mut config = [0u8; CONFIG_SIZE];
+    pub fn config(&self) -> [u8; VIRTIO_MEM_CONFIG_SIZE] {
+        let mut config = [0u8; VIRTIO_MEM_CONFIG_SIZE];
         config[0..8].copy_from_slice(&self.geometry.block_size.to_le_bytes());
         config[8..10].copy_from_slice(&self.geometry.node_id.to_le_bytes());
         config[16..24].copy_from_slice(&self.geometry.addr.to_le_bytes());
@@ -231,11 +236,7 @@ impl Blocks {
     }
 
     /// Carries out one request.
-    pub(crate) fn process(
-        &mut self,
-        request: MemRequest,
-        discard: &dyn MemoryDiscard,
-    ) -> MemResponse {
+    pub fn process(&mut self, request: MemRequest, discard: &dyn MemoryDiscard) -> MemResponse {
         match request {
             MemRequest::Plug(range) => self.plug(range),
             MemRequest::Unplug(range) => self.unplug(range, discard),

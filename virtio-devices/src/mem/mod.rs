@@ -31,13 +31,14 @@ use crate::device::{
 };
 use crate::worker::{ChainHandler, Worker};
 
-pub use blocks::{MemoryDiscard, VirtioMemGeometry, VirtioMemState, VIRTIO_MEM_MAX_BLOCKS};
+pub use blocks::{
+    BlockMap, MemoryDiscard, VirtioMemGeometry, VirtioMemState, VIRTIO_MEM_CONFIG_SIZE,
+    VIRTIO_MEM_MAX_BLOCKS,
+};
 pub use request::{
     BlockRange, BlockState, MemRequest, MemRequestError, MemRequestErrorKind, MemResponse,
     ParsedRequest, VIRTIO_MEM_REQUEST_SIZE, VIRTIO_MEM_RESPONSE_SIZE,
 };
-
-use blocks::Blocks;
 
 /// Size of the request queue.
 pub const VIRTIO_MEM_QUEUE_SIZE: u16 = 128;
@@ -83,7 +84,7 @@ pub enum VirtioMemError {
 }
 
 /// Locks the shared block map, whatever a panicking holder left behind (every update leaves it consistent).
-fn lock(blocks: &Mutex<Blocks>) -> MutexGuard<'_, Blocks> {
+fn lock(blocks: &Mutex<BlockMap>) -> MutexGuard<'_, BlockMap> {
     blocks
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -91,7 +92,7 @@ fn lock(blocks: &Mutex<Blocks>) -> MutexGuard<'_, Blocks> {
 
 /// Serves the request queue.
 struct MemHandler {
-    blocks: Arc<Mutex<Blocks>>,
+    blocks: Arc<Mutex<BlockMap>>,
     discard: Arc<dyn MemoryDiscard>,
 }
 
@@ -131,7 +132,7 @@ impl ChainHandler for MemHandler {
 
 /// A virtio-mem device.
 pub struct VirtioMem {
-    blocks: Arc<Mutex<Blocks>>,
+    blocks: Arc<Mutex<BlockMap>>,
     discard: Arc<dyn MemoryDiscard>,
     acked_features: u64,
     worker: Option<Worker>,
@@ -152,7 +153,7 @@ impl VirtioMem {
         geometry: VirtioMemGeometry,
         discard: Arc<dyn MemoryDiscard>,
     ) -> Result<Self, VirtioMemError> {
-        Ok(Self::with_blocks(Blocks::new(geometry)?, discard))
+        Ok(Self::with_blocks(BlockMap::new(geometry)?, discard))
     }
 
     /// A device in a saved state (checked).
@@ -160,10 +161,10 @@ impl VirtioMem {
         state: &VirtioMemState,
         discard: Arc<dyn MemoryDiscard>,
     ) -> Result<Self, VirtioMemError> {
-        Ok(Self::with_blocks(Blocks::restore(state)?, discard))
+        Ok(Self::with_blocks(BlockMap::restore(state)?, discard))
     }
 
-    fn with_blocks(blocks: Blocks, discard: Arc<dyn MemoryDiscard>) -> Self {
+    fn with_blocks(blocks: BlockMap, discard: Arc<dyn MemoryDiscard>) -> Self {
         Self {
             blocks: Arc::new(Mutex::new(blocks)),
             discard,
@@ -249,7 +250,7 @@ impl VirtioDevice for VirtioMem {
 /// The VMM's side of a virtio-mem device: sets the requested size and reads what the driver has plugged.
 #[derive(Clone, Debug)]
 pub struct VirtioMemHandle {
-    blocks: Arc<Mutex<Blocks>>,
+    blocks: Arc<Mutex<BlockMap>>,
 }
 
 impl VirtioMemHandle {
