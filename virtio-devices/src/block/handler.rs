@@ -11,14 +11,15 @@
 //! - with [`AsyncIo`], for backends with a [`direct_fd`](DiskBackend::direct_fd): reads, writes and flushes go to
 //!   an io_uring ring as one batch per round of the device thread and finish in any order, while the other request
 //!   types (GET_ID, discard, write-zeroes) are still served at once. A flush waits for the writes started before it.
-//!   Without a negotiated write cache every write is made durable on its own (`RWF_DSYNC`) instead of by a flush.
+//!   Without a negotiated write cache every write is made durable on its own, by a sync of the range it wrote that
+//!   the ring runs once the data is written.
 //!
-//! One exception on the io_uring path: a write into the page cache (write cache negotiated) that arrives while
-//! nothing is in the ring is written at once on the device thread. Most file systems (ext4 among them) cannot do
-//! a buffered write without possibly blocking, so io_uring hands every such write to a kernel worker thread: two
-//! more thread switches and a few microseconds more CPU for the same copy into the page cache, and buffered writes
-//! to one file are serialized by the kernel in any case. While reads or other I/O are in flight, writes go through
-//! the ring so a write that blocks cannot hold up their completions.
+//! One exception on the io_uring path: a write that arrives while nothing is in the ring copies its data into the
+//! page cache at once on the device thread (and, without a write cache, leaves only the sync to the ring). Most
+//! file systems (ext4 among them) cannot do a buffered write without possibly blocking, so io_uring hands every
+//! such write to a kernel worker thread: two more thread switches and a few microseconds more CPU for the same
+//! copy, and buffered writes to one file are serialized by the kernel in any case. While reads or other I/O are in
+//! flight, writes go through the ring so a write that blocks cannot hold up their completions.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -235,6 +236,12 @@ impl BlockHandler {
     }
 
     fn write(&mut self, request: &Request, mem: &GuestMemoryMmap) -> Result<(), Failure> {
+        self.write_data(request, mem)?;
+        self.write_through()
+    }
+
+    /// Writes the request's data, without making it durable.
+    fn write_data(&mut self, request: &Request, mem: &GuestMemoryMmap) -> Result<(), Failure> {
         if self.ctx.read_only {
             tracing::debug!("write to a read-only virtio-blk device");
             return Err(Failure::IoErr);
@@ -250,7 +257,7 @@ impl BlockHandler {
                 offset += slice.len() as u64;
             }
         }
-        self.write_through()
+        Ok(())
     }
 
     /// Makes a completed write durable when the driver did not negotiate a write cache.
@@ -355,28 +362,27 @@ impl BlockHandler {
 }
 
 impl BlockHandler {
-    /// Starts a read, write or flush in the ring, after every check the synchronous path makes.
+    /// Starts the ring operation `kind` for `request`, after every check the synchronous path makes. A read or
+    /// write moves the request's data; a range sync covers data already written.
     fn start_io(
         &mut self,
         queue_index: usize,
         head: u16,
         request: &Request,
+        kind: IoKind,
         mem: &GuestMemoryMmap,
     ) -> Result<(), Failure> {
-        let (kind, offset) = match request.request_type {
-            RequestType::In => (IoKind::Read, request.sector * SECTOR_SIZE),
-            RequestType::Out => {
-                if self.ctx.read_only {
-                    tracing::debug!("write to a read-only virtio-blk device");
-                    return Err(Failure::IoErr);
-                }
-                let dsync = !self.ctx.writeback;
-                (IoKind::Write { dsync }, request.sector * SECTOR_SIZE)
-            }
-            _ => (IoKind::Flush, 0),
+        // `parse` checked that `sector * 512 + data_len` does not overflow for reads and writes.
+        let offset = match kind {
+            IoKind::Flush => 0,
+            _ => request.sector * SECTOR_SIZE,
         };
-        if kind != IoKind::Flush {
-            // `parse` checked that `sector * 512 + data_len` does not overflow.
+        let moves_data = matches!(kind, IoKind::Read | IoKind::Write { .. });
+        if matches!(kind, IoKind::Write { .. }) && self.ctx.read_only {
+            tracing::debug!("write to a read-only virtio-blk device");
+            return Err(Failure::IoErr);
+        }
+        if moves_data {
             self.check_range(offset, request.data_len)?;
         }
         let Some(io) = self.io.as_mut() else {
@@ -384,7 +390,8 @@ impl BlockHandler {
         };
         let snapshot = io.snapshot(mem);
         let mut vecs = IoVecs::default();
-        for segment in &request.data {
+        let data = if moves_data { &request.data[..] } else { &[] };
+        for segment in data {
             for slice in snapshot.get_slices(segment.addr, segment.len as usize) {
                 let slice = slice.map_err(memory_failure)?;
                 vecs.push(slice.ptr_guard_mut().as_ptr(), slice.len());
@@ -481,22 +488,34 @@ impl ChainHandler for BlockHandler {
                 return Started::Done(reject(&err, mem));
             }
         };
-        let async_request = match request.request_type {
-            RequestType::In | RequestType::Flush => true,
-            RequestType::Out => !self.ctx.writeback || self.in_flight() > 0,
-            _ => false,
+        let durable = !self.ctx.writeback;
+        let started = match request.request_type {
+            RequestType::In => self.start_io(queue_index, head, &request, IoKind::Read, mem),
+            RequestType::Flush => self.start_io(queue_index, head, &request, IoKind::Flush, mem),
+            RequestType::Out if self.in_flight() > 0 => {
+                let kind = IoKind::Write { durable };
+                self.start_io(queue_index, head, &request, kind, mem)
+            }
+            // Nothing in the ring: the data goes into the page cache here (see the module documentation), and
+            // the ring syncs it when the driver has no write cache.
+            RequestType::Out if durable => self.write_data(&request, mem).and_then(|()| {
+                let kind = IoKind::SyncRange {
+                    len: request.data_len,
+                };
+                self.start_io(queue_index, head, &request, kind, mem)
+            }),
+            _ => {
+                let (status, written) = self.execute(&request, mem);
+                return Started::Done(finish(mem, request.status, status, written));
+            }
         };
-        if async_request {
-            return match self.start_io(queue_index, head, &request, mem) {
-                Ok(()) => Started::InFlight,
-                Err(failure) => {
-                    self.ctx.counters.errors.inc();
-                    Started::Done(finish(mem, request.status, failure.status(), 0))
-                }
-            };
+        match started {
+            Ok(()) => Started::InFlight,
+            Err(failure) => {
+                self.ctx.counters.errors.inc();
+                Started::Done(finish(mem, request.status, failure.status(), 0))
+            }
         }
-        let (status, written) = self.execute(&request, mem);
-        Started::Done(finish(mem, request.status, status, written))
     }
 
     fn has_room(&self) -> bool {

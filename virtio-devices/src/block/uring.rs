@@ -6,7 +6,10 @@
 //! the kernel in one `io_uring_enter` and hands back the requests that have finished, in whatever order the kernel
 //! finished them. A transfer the kernel cuts short is sent again for the rest, which is also how a request with more
 //! than `IOV_MAX` vectors goes out. A flush (`fdatasync`) is held back until every write pushed before it has
-//! finished, however many submissions those writes take.
+//! finished, however many submissions those writes take. A durable write is a plain write followed, once it has
+//! finished, by an `fdatasync` of the range it wrote: the kernel runs buffered writes to one file one after another
+//! on one worker thread, so a write that also waited for the disk there (`RWF_DSYNC`) would make every durable write
+//! wait for the previous one's disk flush, while separate syncs can overlap and share the file system's commits.
 //!
 //! The vectors point into memory the caller keeps alive through the token, so the ring never lets go of a token
 //! while the kernel may still use its vectors: [`Uring::cancel_all`] (also run on drop) cancels what the kernel can
@@ -30,13 +33,18 @@ const CANCEL_TAG: u64 = u64::MAX;
 pub(crate) enum IoKind {
     /// Fill the vectors from the file.
     Read,
-    /// Write the vectors to the file; with `dsync` the data is durable when the write completes (`RWF_DSYNC`).
+    /// Write the vectors to the file; a `durable` write then syncs the range it wrote before it completes.
     Write {
         /// Per-write durability.
-        dsync: bool,
+        durable: bool,
     },
     /// `fdatasync`, once every write pushed before it has finished.
     Flush,
+    /// `fdatasync` of `len` bytes at the request's offset, for data already written; goes out at once.
+    SyncRange {
+        /// Length of the range.
+        len: u64,
+    },
 }
 
 /// The I/O vectors of one request.
@@ -67,6 +75,8 @@ impl IoVecs {
 /// A request the ring holds.
 struct Slot<T> {
     kind: IoKind,
+    /// File offset of the request's first byte.
+    start: u64,
     /// File offset of the first byte still to transfer.
     offset: u64,
     vecs: IoVecs,
@@ -111,8 +121,9 @@ impl<T> Slot<T> {
 struct Counts {
     reads: u64,
     writes: u64,
-    durable_writes: u64,
     flushes: u64,
+    /// Range syncs, after durable writes or on their own.
+    range_syncs: u64,
     resubmitted: u64,
 }
 
@@ -214,10 +225,10 @@ impl<T> Uring<T> {
         !self.free.is_empty()
     }
 
-    /// Flushes and durable writes pushed so far.
+    /// Flushes and range syncs sent so far.
     #[cfg(test)]
     pub(crate) fn syncs(&self) -> u64 {
-        self.counts.flushes + self.counts.durable_writes
+        self.counts.flushes + self.counts.range_syncs
     }
 
     /// Requests pushed and not yet handed back.
@@ -250,16 +261,17 @@ impl<T> Uring<T> {
         };
         match kind {
             IoKind::Read => self.counts.reads += 1,
-            IoKind::Write { dsync } => {
+            IoKind::Write { .. } => {
                 self.counts.writes += 1;
-                self.counts.durable_writes += u64::from(dsync);
                 self.writes += 1;
             }
             IoKind::Flush => self.counts.flushes += 1,
+            IoKind::SyncRange { .. } => self.counts.range_syncs += 1,
         }
         let remaining = vecs.total();
         self.slots[index] = Some(Slot {
             kind,
+            start: offset,
             offset,
             vecs,
             next: 0,
@@ -292,13 +304,19 @@ impl<T> Uring<T> {
             IoKind::Read => opcode::Readv::new(fd, vecs.as_ptr(), count)
                 .offset(slot.offset)
                 .build(),
-            IoKind::Write { dsync } => opcode::Writev::new(fd, vecs.as_ptr(), count)
+            IoKind::Write { .. } => opcode::Writev::new(fd, vecs.as_ptr(), count)
                 .offset(slot.offset)
-                .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
                 .build(),
             IoKind::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            // A range too long to name syncs the whole file (offset and length 0).
+            IoKind::SyncRange { len } => match u32::try_from(len) {
+                Ok(len) if len > 0 => opcode::Fsync::new(fd).offset(slot.start).len(len),
+                _ => opcode::Fsync::new(fd),
+            }
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
         }
         .user_data(index as u64);
         // SAFETY: the entry names the slot's vectors, which live in the slot until its token is handed back (they
@@ -374,7 +392,7 @@ impl<T> Uring<T> {
             } else {
                 Some(Err(io::Error::from_raw_os_error(errno)))
             }
-        } else if slot.kind == IoKind::Flush {
+        } else if matches!(slot.kind, IoKind::Flush | IoKind::SyncRange { .. }) {
             Some(Ok(()))
         } else {
             // Lossless: non-negative.
@@ -396,11 +414,44 @@ impl<T> Uring<T> {
                 self.counts.resubmitted += 1;
                 self.queue(index);
             }
+            Some(Ok(())) if slot.kind == (IoKind::Write { durable: true }) => {
+                // The data is written: now the sync. For flushes held back, the write has finished.
+                slot.kind = IoKind::SyncRange {
+                    len: slot.offset - slot.start,
+                };
+                slot.retries = 0;
+                let seq = slot.seq;
+                self.counts.range_syncs += 1;
+                self.write_finished(seq);
+                self.queue(index);
+            }
             Some(result) => {
                 if let Some(token) = self.release(index) {
                     done(token, result);
                 }
             }
+        }
+    }
+
+    /// Records that the write pushed as `seq` has finished: flushes that waited only for it go out.
+    fn write_finished(&mut self, seq: u64) {
+        self.writes -= 1;
+        let mut ready = Vec::new();
+        self.held_flushes.retain(|&flush| {
+            let Some(flush_slot) = self.slots.get_mut(flush).and_then(Option::as_mut) else {
+                return false;
+            };
+            if flush_slot.seq > seq {
+                flush_slot.earlier_writes -= 1;
+            }
+            if flush_slot.earlier_writes == 0 {
+                ready.push(flush);
+                return false;
+            }
+            true
+        });
+        for flush in ready {
+            self.queue(flush);
         }
     }
 
@@ -410,24 +461,7 @@ impl<T> Uring<T> {
         self.free.push(index);
         self.in_flight -= 1;
         if matches!(slot.kind, IoKind::Write { .. }) {
-            self.writes -= 1;
-            let mut ready = Vec::new();
-            self.held_flushes.retain(|&flush| {
-                let Some(flush_slot) = self.slots.get_mut(flush).and_then(Option::as_mut) else {
-                    return false;
-                };
-                if flush_slot.seq > slot.seq {
-                    flush_slot.earlier_writes -= 1;
-                }
-                if flush_slot.earlier_writes == 0 {
-                    ready.push(flush);
-                    return false;
-                }
-                true
-            });
-            for flush in ready {
-                self.queue(flush);
-            }
+            self.write_finished(slot.seq);
         }
         Some(slot.token)
     }

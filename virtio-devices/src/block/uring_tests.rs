@@ -85,7 +85,7 @@ fn reads_and_writes_finish_with_their_tokens() {
     }
     let vecs = vecs(&mut write_buf, 1000);
     // SAFETY: as above.
-    unsafe { ring.push(IoKind::Write { dsync: true }, 1 << 20, vecs, 100) }.unwrap();
+    unsafe { ring.push(IoKind::Write { durable: true }, 1 << 20, vecs, 100) }.unwrap();
     assert_eq!(ring.in_flight(), 9);
     let done = drain(&mut ring);
     let mut tokens: Vec<usize> = done
@@ -103,7 +103,7 @@ fn reads_and_writes_finish_with_their_tokens() {
     }
     let host = std::fs::read(temp.as_path()).unwrap();
     assert!(host[1 << 20..(1 << 20) + 8192] == fresh[..]);
-    assert_eq!(ring.counts.durable_writes, 1);
+    assert_eq!((ring.counts.writes, ring.counts.range_syncs), (1, 1));
 }
 
 #[test]
@@ -181,7 +181,7 @@ fn a_flush_waits_for_the_writes_pushed_before_it() {
     let mut data = vec![2u8; 4096];
     let vecs = vecs(&mut data, 4096);
     // SAFETY: `data` outlives the request: `drain` waits for it.
-    unsafe { ring.push(IoKind::Write { dsync: false }, 0, vecs, "write") }.unwrap();
+    unsafe { ring.push(IoKind::Write { durable: false }, 0, vecs, "write") }.unwrap();
     // SAFETY: no vectors.
     unsafe { ring.push(IoKind::Flush, 0, IoVecs::default(), "flush") }.unwrap();
     let mut done = Vec::new();
@@ -266,4 +266,34 @@ fn cancel_all_ends_requests_stuck_in_the_kernel() {
     assert_eq!(&bufs[0][..5], b"again");
     assert!(bufs[0][5..].iter().all(|&byte| byte == 7));
     assert!(ring.counts.resubmitted >= 1);
+}
+
+#[test]
+fn a_durable_write_syncs_its_range_only_once_written() {
+    let (temp, file) = file();
+    let Some(mut ring) = ring::<u8>(file.as_raw_fd(), 4) else {
+        return;
+    };
+    let mut data = vec![9u8; 8192];
+    let written = vecs(&mut data, 4096);
+    // SAFETY: `data` outlives the request: `drain` waits for it.
+    unsafe { ring.push(IoKind::Write { durable: true }, 4096, written, 1) }.unwrap();
+    let done = drain(&mut ring);
+    assert!(done[0].1.is_ok());
+    assert_eq!((ring.counts.writes, ring.counts.range_syncs), (1, 1));
+    let host = std::fs::read(temp.as_path()).unwrap();
+    assert!(host[4096..12288].iter().all(|&byte| byte == 9));
+
+    // A write that fails is not synced.
+    let read_only = std::fs::File::open(temp.as_path()).unwrap();
+    let mut refusing = Uring::<u8>::new(read_only.as_raw_fd(), 4).unwrap();
+    let vecs = vecs(&mut data, 4096);
+    // SAFETY: as above.
+    unsafe { refusing.push(IoKind::Write { durable: true }, 0, vecs, 2) }.unwrap();
+    let done = drain(&mut refusing);
+    assert_eq!(
+        done[0].1.as_ref().unwrap_err().raw_os_error(),
+        Some(libc::EBADF)
+    );
+    assert_eq!((refusing.counts.range_syncs, refusing.writes), (0, 0));
 }
