@@ -67,7 +67,9 @@ pub fn load_image(path: &Path) -> Result<Vec<u8>, FirmwareError> {
         source,
     })?;
     let size = image.len() as u64;
-    if !(FIRMWARE_MIN_SIZE..=FIRMWARE_MAX_SIZE).contains(&size) || !size.is_multiple_of(FIRMWARE_ALIGN) {
+    if !(FIRMWARE_MIN_SIZE..=FIRMWARE_MAX_SIZE).contains(&size)
+        || !size.is_multiple_of(FIRMWARE_ALIGN)
+    {
         return Err(FirmwareError::Size {
             path: path.to_path_buf(),
             size,
