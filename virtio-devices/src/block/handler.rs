@@ -9,10 +9,10 @@
 //! - synchronously on the device thread, one request at a time: [`RawFile`](super::RawFile) reads and writes the
 //!   guest slices directly, other backends bounce through a scratch buffer the handler keeps;
 //! - with [`AsyncIo`], for backends with a [`direct_fd`](DiskBackend::direct_fd): reads, writes and flushes go to
-//!   an io_uring ring as one batch per round of the device thread and finish in any order, while the other request
-//!   types (GET_ID, discard, write-zeroes) are still served at once. A flush waits for the writes started before it.
-//!   Without a negotiated write cache every write is made durable on its own, by a sync of the range it wrote that
-//!   the ring runs once the data is written.
+//!   an io_uring ring as each request is started (so the disk works on the first while the rest are parsed) and
+//!   finish in any order, while the other request types (GET_ID, discard, write-zeroes) are still served at once.
+//!   A flush waits for the writes started before it. Without a negotiated write cache every write is made durable
+//!   on its own, by a sync of the range it wrote that the ring runs once the data is written.
 //!
 //! One exception on the io_uring path: a write that arrives while nothing is in the ring copies its data into the
 //! page cache at once on the device thread (and, without a write cache, leaves only the sync to the ring). Most
