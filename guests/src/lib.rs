@@ -19,7 +19,10 @@
 //!   host's port and print its reply line, or accept a connection and echo a line back); their `vsock: ...` lines
 //!   are defined at the top of `guests/asm/virtio_vsock.inc`. An `intx` item makes the virtio actions after it
 //!   leave MSI-X off and take INTx through the IOAPIC pin Atrium's `_PRT` gives the slot (an `intx: ...` line
-//!   per device, defined in `guests/asm/virtio.inc`).
+//!   per device, defined in `guests/asm/virtio.inc`). An `event-idx` item makes them negotiate
+//!   VIRTIO_RING_F_EVENT_IDX: `used_event` asks for an interrupt once the last buffer submitted is used, a notify
+//!   is written only when `avail_event` asks for it, an `event-idx: ...` line per device counts notifies written
+//!   and left out and interrupts, and `virtio-blk` adds a burst of reads under one notify (`blk: <dev> burst=...`).
 //! - `hotplug` routes the GED's IOAPIC pin, prints `hotplug: ready` and then handles GED interrupts by speaking
 //!   the CPU, PCI and memory hotplug controllers' registers directly (the guests run no AML): `ged: ...`,
 //!   `cpuhp: ...`, `pcihp: ...` (with the usual `virtio:` / `blk:` lines for a hot-added virtio-blk device),
