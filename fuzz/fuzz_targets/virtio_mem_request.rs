@@ -11,64 +11,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use atrium_fuzz::hostile_queue::QueueInput;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use virtio_devices::{
-    BlockMap, BlockRange, BlockState, GuestMemoryMmap, MemRequest, MemResponse, MemoryDiscard,
-    VirtioMemGeometry, VIRTIO_MEM_REQUEST_SIZE, VIRTIO_MEM_RESPONSE_SIZE,
+    BlockMap, BlockRange, BlockState, MemRequest, MemResponse, MemoryDiscard, VirtioMemGeometry,
+    VIRTIO_MEM_REQUEST_SIZE, VIRTIO_MEM_RESPONSE_SIZE,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-
-/// Guest RAM: 1 MiB at 0.
-const MEM_SIZE: u64 = 0x10_0000;
-const DESC_TABLE: u64 = 0x1000;
-const AVAIL_RING: u64 = 0x2000;
-const USED_RING: u64 = 0x3000;
-const INDIRECT_TABLE: u64 = 0x4000;
-const DATA: u64 = 0x8000;
-const DESC_SIZE: u64 = 16;
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Addr {
-    Data(u16),
-    Table(u8),
-    Indirect(u8),
-    End(u16),
-    Raw(u64),
-}
-
-impl Addr {
-    fn resolve(self) -> u64 {
-        match self {
-            Self::Data(offset) => DATA + u64::from(offset),
-            Self::Table(index) => DESC_TABLE + DESC_SIZE * u64::from(index),
-            Self::Indirect(index) => INDIRECT_TABLE + DESC_SIZE * u64::from(index),
-            Self::End(back) => MEM_SIZE.wrapping_sub(u64::from(back)),
-            Self::Raw(addr) => addr,
-        }
-    }
-}
-
-#[derive(Arbitrary, Debug)]
-struct Desc {
-    addr: Addr,
-    len: u16,
-    /// Raw flags: NEXT (1), WRITE (2), INDIRECT (4) and junk.
-    flags: u16,
-    next: u16,
-}
-
-impl Desc {
-    fn bytes(&self) -> [u8; DESC_SIZE as usize] {
-        let mut bytes = [0u8; DESC_SIZE as usize];
-        bytes[..8].copy_from_slice(&self.addr.resolve().to_le_bytes());
-        bytes[8..12].copy_from_slice(&u32::from(self.len).to_le_bytes());
-        bytes[12..14].copy_from_slice(&self.flags.to_le_bytes());
-        bytes[14..16].copy_from_slice(&self.next.to_le_bytes());
-        bytes
-    }
-}
+use virtio_queue::QueueOwnedT;
+use vm_memory::GuestMemoryBackend;
 
 /// A block range as a driver may name it: near the region (in blocks) or anywhere.
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -104,12 +55,8 @@ enum Op {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    queue_size_log2: u8,
-    table: Vec<Desc>,
-    indirect: Vec<Desc>,
-    heads: Vec<u16>,
-    avail_idx: Option<u16>,
-    data: Vec<u8>,
+    /// The request queue as the driver lays it out.
+    queue: QueueInput,
     /// log2 of the block size above 4 KiB (taken modulo 10) and the region in blocks (modulo 200, plus 1).
     block_shift: u8,
     region_blocks: u8,
@@ -269,13 +216,6 @@ fn apply(map: &mut BlockMap, model: &mut Model, discard: &Discard, request: MemR
     check(map, model, discard);
 }
 
-fn write_table(mem: &GuestMemoryMmap, base: u64, descs: &[Desc], max: usize) {
-    for (i, desc) in descs.iter().take(max).enumerate() {
-        mem.write_slice(&desc.bytes(), GuestAddress(base + DESC_SIZE * i as u64))
-            .unwrap();
-    }
-}
-
 fuzz_target!(|input: Input| {
     let block = 4096u64 << (input.block_shift % 10);
     let blocks = u64::from(input.region_blocks % 200) + 1;
@@ -295,27 +235,7 @@ fuzz_target!(|input: Input| {
     let discard = Discard::default();
 
     // Requests as a driver posts them.
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let size = 1u16 << (input.queue_size_log2 % 9);
-    write_table(&mem, DESC_TABLE, &input.table, usize::from(size));
-    write_table(&mem, INDIRECT_TABLE, &input.indirect, 256);
-    let data_len = input.data.len().min((MEM_SIZE - DATA) as usize);
-    mem.write_slice(&input.data[..data_len], GuestAddress(DATA))
-        .unwrap();
-    let avail_idx = input.avail_idx.unwrap_or(input.heads.len() as u16);
-    mem.write_obj(0u16, GuestAddress(AVAIL_RING)).unwrap();
-    mem.write_obj(avail_idx, GuestAddress(AVAIL_RING + 2))
-        .unwrap();
-    for (i, head) in input.heads.iter().take(usize::from(size)).enumerate() {
-        mem.write_obj(*head, GuestAddress(AVAIL_RING + 4 + 2 * i as u64))
-            .unwrap();
-    }
-    let mut queue = Queue::new(size).unwrap();
-    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    queue.set_ready(true);
-    assert!(queue.is_valid(&mem));
+    let (mem, mut queue) = input.queue.build();
     model.requested = geometry.region_size / 2 / block * block;
     map.set_requested_size(model.requested).unwrap();
     if let Ok(chains) = queue.iter(&mem) {
