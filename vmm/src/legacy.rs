@@ -10,7 +10,7 @@ use devices::pic::{pic_bus_devices, pic_irq_line, Pic, PicOutput};
 use devices::pit::{pit_bus_devices, Pit};
 use devices::port92::Port92;
 use devices::PlatformEvents;
-use devices::{Bus, BusDevice, InterruptLine};
+use devices::{Bus, BusDevice};
 
 use crate::cpu::{ExtIntSource, VcpuKicker};
 use crate::device_manager::DeviceError;
@@ -50,41 +50,10 @@ impl ExtIntSource for PicSource {
     }
 }
 
-/// An ISA IRQ line into the PIC that also kicks vCPU 0 whenever, after the change, the PIC still requests an
-/// interrupt: a kick lost in the window before KVM_RUN is repeated on the line's next activity.
-struct IsaIrqLine {
-    line: Arc<dyn InterruptLine>,
-    pic: Arc<Pic>,
-    kicker: Arc<VcpuKicker>,
-}
-
-impl IsaIrqLine {
-    fn kick_if_pending(&self) {
-        if self.pic.has_interrupt() {
-            self.kicker.kick();
-        }
-    }
-}
-
-impl InterruptLine for IsaIrqLine {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.line.trigger()?;
-        self.kick_if_pending();
-        Ok(())
-    }
-
-    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
-        self.line.set_level(asserted)?;
-        self.kick_if_pending();
-        Ok(())
-    }
-}
-
 /// The legacy PC devices of one VM.
 pub struct LegacyPc {
     pic: Arc<Pic>,
     pit: Arc<Mutex<Pit>>,
-    kicker: Arc<VcpuKicker>,
     /// Devices the buses hold weakly.
     _owned: Vec<Arc<Mutex<dyn BusDevice>>>,
 }
@@ -96,75 +65,63 @@ impl LegacyPc {
         kicker: Arc<VcpuKicker>,
         events: Arc<dyn PlatformEvents>,
     ) -> Result<Self, DeviceError> {
-        let pic = Pic::new(Arc::new(KickBootVcpu(kicker.clone())));
-        let ports = pic_bus_devices(&pic);
+        let pic = Pic::new(Arc::new(KickBootVcpu(kicker)));
+        let pit = Arc::new(Mutex::new(
+            Pit::new(pic_irq_line(&pic, PIT_IRQ))
+                .map_err(|e| DeviceError::Legacy(e.to_string()))?,
+        ));
+        let pic_ports = pic_bus_devices(&pic);
+        let pit_ports = pit_bus_devices(&pit);
+        let port92: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Port92::new(events)));
         let mut owned = Vec::new();
         for (device, base, len, name) in [
             (
-                ports.master,
+                pic_ports.master,
                 PIC_MASTER_PORT,
                 devices::pic::PIC_RANGE_LEN,
                 "8259 master",
             ),
             (
-                ports.slave,
+                pic_ports.slave,
                 PIC_SLAVE_PORT,
                 devices::pic::PIC_RANGE_LEN,
                 "8259 slave",
             ),
-            (ports.elcr, ELCR_PORT, devices::pic::ELCR_RANGE_LEN, "ELCR"),
+            (
+                pic_ports.elcr,
+                ELCR_PORT,
+                devices::pic::ELCR_RANGE_LEN,
+                "ELCR",
+            ),
+            (
+                pit_ports.counters,
+                PIT_PORT,
+                devices::pit::PIT_RANGE_LEN,
+                "8254 PIT",
+            ),
+            (
+                pit_ports.port_b,
+                PORT_B,
+                devices::pit::PORT_B_RANGE_LEN,
+                "port 0x61",
+            ),
+            (
+                port92,
+                PORT_92,
+                devices::port92::PORT92_RANGE_LEN,
+                "port 0x92",
+            ),
         ] {
             io_bus
                 .insert(device.clone(), base, len)
                 .map_err(|source| DeviceError::Bus { name, source })?;
             owned.push(device);
         }
-        let mut legacy = LegacyPc {
-            pit: Arc::new(Mutex::new(
-                Pit::new(Arc::new(IsaIrqLine {
-                    line: pic_irq_line(&pic, PIT_IRQ),
-                    pic: pic.clone(),
-                    kicker: kicker.clone(),
-                }))
-                .map_err(|e| DeviceError::Legacy(e.to_string()))?,
-            )),
+        Ok(LegacyPc {
             pic,
-            kicker,
+            pit,
             _owned: owned,
-        };
-        let pit_ports = pit_bus_devices(&legacy.pit);
-        io_bus
-            .insert(
-                pit_ports.counters.clone(),
-                PIT_PORT,
-                devices::pit::PIT_RANGE_LEN,
-            )
-            .map_err(|source| DeviceError::Bus {
-                name: "8254 PIT",
-                source,
-            })?;
-        io_bus
-            .insert(
-                pit_ports.port_b.clone(),
-                PORT_B,
-                devices::pit::PORT_B_RANGE_LEN,
-            )
-            .map_err(|source| DeviceError::Bus {
-                name: "port 0x61",
-                source,
-            })?;
-        legacy._owned.push(pit_ports.counters);
-        legacy._owned.push(pit_ports.port_b);
-
-        let port92: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Port92::new(events)));
-        io_bus
-            .insert(port92.clone(), PORT_92, devices::port92::PORT92_RANGE_LEN)
-            .map_err(|source| DeviceError::Bus {
-                name: "port 0x92",
-                source,
-            })?;
-        legacy._owned.push(port92);
-        Ok(legacy)
+        })
     }
 
     /// The PIT's timer, for the control loop to watch.
@@ -181,15 +138,6 @@ impl LegacyPc {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .handle_timer();
-    }
-
-    /// ISA IRQ `irq` of the PIC, as a line devices raise.
-    pub fn isa_irq(&self, irq: u8) -> Arc<dyn InterruptLine> {
-        Arc::new(IsaIrqLine {
-            line: pic_irq_line(&self.pic, irq),
-            pic: self.pic.clone(),
-            kicker: self.kicker.clone(),
-        })
     }
 
     /// The PIC as vCPU 0's external interrupt source.
